@@ -1,0 +1,158 @@
+//! The handshake: validate `auth.serverOffset`, then subscribe the socket to the feed from there.
+
+use std::sync::{Arc, atomic::Ordering::Relaxed};
+
+use serde_json::Value;
+use socketioxide::{adapter::Adapter, extract::SocketRef, socket::DisconnectReason};
+
+use super::{CHAT_MESSAGE, Chat, SocketSink, messages};
+use crate::{config::History, metrics::ErrorKind};
+
+/// Why a handshake was refused; the client gets a `connect_error` with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// `auth` was present but is not an object.
+    #[error("auth must be an object such as {{ \"serverOffset\": 0 }}")]
+    NotAnObject,
+    /// `serverOffset` is neither a non-negative integer nor a string of one.
+    #[error("auth.serverOffset must be a non-negative integer or a string of digits, got {0}")]
+    BadOffset(String),
+    /// `serverOffset` is beyond the newest stored message (the client's state is not ours).
+    #[error("auth.serverOffset {requested} is ahead of the newest message ({head})")]
+    AheadOfHead {
+        /// What the client sent.
+        requested: i64,
+        /// The newest stored offset.
+        head: i64,
+    },
+    /// The store could not be asked where the log ends; the client retries the connection.
+    #[error("the server cannot check auth.serverOffset right now; retry")]
+    Unavailable,
+}
+
+/// The offset a handshake asks to resume after; `None` for a new client (absent, null or 0).
+pub fn requested_offset(auth: Option<&Value>) -> Result<Option<i64>, AuthError> {
+    let offset = match auth {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(map)) => map.get("serverOffset"),
+        Some(_) => return Err(AuthError::NotAnObject),
+    };
+    let parsed = match offset {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_i64().filter(|n| *n >= 0),
+        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<i64>().ok()
+        }
+        Some(_) => None,
+    };
+    match parsed {
+        Some(0) => Ok(None),
+        Some(n) => Ok(Some(n)),
+        None => {
+            let mut shown = offset.map(Value::to_string).unwrap_or_default();
+            shown.truncate(64);
+            Err(AuthError::BadOffset(shown))
+        }
+    }
+}
+
+/// The connect middleware: refuses a handshake whose offset is malformed or from the future.
+pub(super) async fn check_auth(
+    auth: Result<Value, socketioxide::ParserError>,
+    chat: &Chat,
+) -> Result<(), AuthError> {
+    let result = match auth {
+        Ok(auth) => requested_offset(Some(&auth)),
+        Err(_) => Err(AuthError::NotAnObject),
+    };
+    let result = match result {
+        Ok(Some(requested)) if requested > chat.feed.head() => {
+            // This node may lag behind the one the client came from; only the store can say.
+            match chat.store.head().await {
+                Ok(head) if requested > head => Err(AuthError::AheadOfHead { requested, head }),
+                Ok(_) => Ok(()),
+                Err(error) => {
+                    tracing::warn!(error = %error, "store unreachable during a handshake");
+                    Err(AuthError::Unavailable)
+                }
+            }
+        }
+        other => other.map(|_| ()),
+    };
+    if result.is_err() {
+        chat.metrics.error(ErrorKind::InvalidHandshake);
+    }
+    result
+}
+
+/// A socket joined: wire its handlers, then subscribe it after the offset it asked for.
+pub(super) async fn on_connect<A: Adapter>(
+    socket: SocketRef<A>,
+    auth: Option<Value>,
+    chat: Arc<Chat>,
+) {
+    chat.metrics.connections.fetch_add(1, Relaxed);
+    let id: Arc<str> = socket.id.to_string().into();
+
+    let on_disconnect = chat.clone();
+    let disconnect_id = id.clone();
+    socket.on_disconnect(move |_reason: DisconnectReason| {
+        let chat = on_disconnect.clone();
+        let id = disconnect_id.clone();
+        async move {
+            chat.feed.unsubscribe(&id);
+            chat.metrics.connections.fetch_sub(1, Relaxed);
+        }
+    });
+    messages::wire(&socket, chat.clone());
+
+    // The middleware already refused a bad offset, so this parse succeeds.
+    let after = match requested_offset(auth.as_ref()).ok().flatten() {
+        Some(after) => after,
+        None => match chat.history {
+            History::Unlimited => 0,
+            History::Last(n) => {
+                let n = i64::try_from(n).unwrap_or(i64::MAX);
+                chat.feed.head().saturating_sub(n).max(0)
+            }
+        },
+    };
+    tracing::debug!(socket = %id, after, event = CHAT_MESSAGE, "subscribing");
+    chat.feed.subscribe(id, Arc::new(SocketSink(socket)), after);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn offsets_parse_as_the_contract_says() {
+        assert_eq!(requested_offset(None).unwrap(), None);
+        assert_eq!(requested_offset(Some(&json!({}))).unwrap(), None);
+        assert_eq!(
+            requested_offset(Some(&json!({"serverOffset": 0}))).unwrap(),
+            None
+        );
+        assert_eq!(
+            requested_offset(Some(&json!({"serverOffset": 42}))).unwrap(),
+            Some(42)
+        );
+        assert_eq!(
+            requested_offset(Some(&json!({"serverOffset": "42"}))).unwrap(),
+            Some(42)
+        );
+        for bad in [
+            json!(-1),
+            json!(1.5),
+            json!("4x"),
+            json!(""),
+            json!([1]),
+            json!(true),
+        ] {
+            let err = requested_offset(Some(&json!({ "serverOffset": bad }))).unwrap_err();
+            assert!(err.to_string().contains("serverOffset"), "{err}");
+        }
+        assert!(requested_offset(Some(&json!("x"))).is_err());
+    }
+}

@@ -1,0 +1,242 @@
+//! `chat message` from clients: validate, store once, ack after commit.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering::Relaxed},
+};
+
+use serde::Serialize;
+use serde_json::Value;
+use socketioxide::{
+    adapter::Adapter,
+    extract::{AckSender, SocketRef, TryData},
+};
+
+use super::{CHAT_MESSAGE, Chat};
+use crate::{metrics::ErrorKind, store::NewMessage};
+
+/// Input limits, from the settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest message, in characters.
+    pub max_message_chars: usize,
+    /// Longest client offset, in characters.
+    pub max_client_offset_chars: usize,
+    /// Most sends of one socket waiting for their ack at once.
+    pub max_in_flight: usize,
+}
+
+/// A permanent rejection: acked with `{ "error": { "code", "message" } }` so the client stops
+/// retrying; nothing is stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    /// The first argument is not a string.
+    #[error("message content must be a string")]
+    ContentNotString,
+    /// The content is empty or only white space.
+    #[error("message content must not be empty")]
+    ContentEmpty,
+    /// The content is longer than the limit.
+    #[error("message content is longer than {0} characters")]
+    ContentTooLong(usize),
+    /// The client offset is present but not a string.
+    #[error("client offset must be a string")]
+    ClientOffsetNotString,
+    /// The client offset is empty or longer than the limit.
+    #[error("client offset must be 1 to {0} characters")]
+    ClientOffsetLength(usize),
+    /// This socket has too many sends waiting for their ack.
+    #[error("too many messages in flight; wait for acks before sending more")]
+    TooManyInFlight,
+}
+
+impl InputError {
+    /// The stable code clients can match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::ContentNotString => "invalid_content",
+            Self::ContentEmpty => "empty_content",
+            Self::ContentTooLong(_) => "content_too_long",
+            Self::ClientOffsetNotString => "invalid_client_offset",
+            Self::ClientOffsetLength(_) => "invalid_client_offset",
+            Self::TooManyInFlight => "rate_limited",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorAck<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: String,
+}
+
+/// Every argument of an event, however many the client sent.
+///
+/// socketioxide hands a handler all of an event's arguments only when the target type is
+/// tuple-like (otherwise just the first), so this deserializes as a tuple of any length.
+pub struct EventArgs(pub Vec<Value>);
+
+impl<'de> serde::Deserialize<'de> for EventArgs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Args;
+        impl<'de> serde::de::Visitor<'de> for Args {
+            type Value = EventArgs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("event arguments")
+            }
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: S,
+            ) -> Result<EventArgs, S::Error> {
+                let mut args = Vec::with_capacity(seq.size_hint().unwrap_or(2).min(8));
+                while let Some(arg) = seq.next_element()? {
+                    args.push(arg);
+                }
+                Ok(EventArgs(args))
+            }
+        }
+        d.deserialize_tuple_struct("EventArgs", usize::MAX, Args)
+    }
+}
+
+/// Turns a send's arguments `(content, clientOffset?)` into a message to store.
+pub fn parse_send(args: &[Value], limits: &Limits) -> Result<NewMessage, InputError> {
+    let content = match args.first() {
+        Some(Value::String(s)) => s,
+        _ => return Err(InputError::ContentNotString),
+    };
+    if content.trim().is_empty() {
+        return Err(InputError::ContentEmpty);
+    }
+    if content.chars().count() > limits.max_message_chars {
+        return Err(InputError::ContentTooLong(limits.max_message_chars));
+    }
+    let client_offset = match args.get(1) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            let n = s.chars().count();
+            if n == 0 || n > limits.max_client_offset_chars {
+                return Err(InputError::ClientOffsetLength(
+                    limits.max_client_offset_chars,
+                ));
+            }
+            Some(s.clone())
+        }
+        Some(_) => return Err(InputError::ClientOffsetNotString),
+    };
+    Ok(NewMessage {
+        client_offset,
+        content: content.clone(),
+    })
+}
+
+/// Registers `chat message` on a freshly connected socket.
+pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    socket.on(
+        CHAT_MESSAGE,
+        move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
+            let chat = chat.clone();
+            let in_flight = in_flight.clone();
+            async move { on_chat_message(socket, args.ok().map(|a| a.0), ack, chat, in_flight).await }
+        },
+    );
+}
+
+async fn on_chat_message<A: Adapter>(
+    socket: SocketRef<A>,
+    args: Option<Vec<Value>>,
+    ack: AckSender<A>,
+    chat: Arc<Chat>,
+    in_flight: Arc<AtomicUsize>,
+) {
+    let parsed = match args {
+        Some(args) => parse_send(&args, &chat.limits),
+        None => Err(InputError::ContentNotString),
+    };
+    let message = match parsed {
+        Ok(message) => message,
+        Err(error) => return reject(ack, &error, &chat),
+    };
+    if in_flight.fetch_add(1, Relaxed) >= chat.limits.max_in_flight {
+        in_flight.fetch_sub(1, Relaxed);
+        return reject(ack, &InputError::TooManyInFlight, &chat);
+    }
+    let result = chat.writer.submit(message).await;
+    in_flight.fetch_sub(1, Relaxed);
+    match result {
+        // Stored now or before: either way the client may stop retrying.
+        Ok(_) => {
+            if let Err(error) = ack.send(&()) {
+                // The ack is lost (socket gone or its buffer full); the client retries and the
+                // retry is acked as a duplicate.
+                tracing::debug!(socket = %socket.id, error = ?error, "ack not sent");
+            }
+        }
+        // Transient: no ack, so the client's retry carries the message over the outage.
+        Err(error) => {
+            tracing::debug!(socket = %socket.id, error = %error, "send not stored; no ack");
+        }
+    }
+}
+
+fn reject<A: Adapter>(ack: AckSender<A>, error: &InputError, chat: &Chat) {
+    chat.metrics.error(ErrorKind::InvalidInput);
+    let body = ErrorAck {
+        error: ErrorBody {
+            code: error.code(),
+            message: error.to_string(),
+        },
+    };
+    if let Err(send_error) = ack.send(&body) {
+        tracing::debug!(error = ?send_error, "error ack not sent");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIMITS: Limits = Limits {
+        max_message_chars: 5,
+        max_client_offset_chars: 4,
+        max_in_flight: 8,
+    };
+
+    #[test]
+    fn accepts_the_two_tutorial_shapes() {
+        let m = parse_send(&[json!("hi")], &LIMITS).unwrap();
+        assert_eq!((m.content.as_str(), m.client_offset), ("hi", None));
+        let m = parse_send(&[json!("hi"), json!("a-1")], &LIMITS).unwrap();
+        assert_eq!(m.client_offset.as_deref(), Some("a-1"));
+    }
+
+    #[test]
+    fn rejects_each_kind_of_bad_input() {
+        let cases = [
+            (vec![], "invalid_content"),
+            (vec![json!(5)], "invalid_content"),
+            (vec![json!({"a": 1})], "invalid_content"),
+            (vec![json!("  ")], "empty_content"),
+            (vec![json!("toolong")], "content_too_long"),
+            (vec![json!("ok"), json!(7)], "invalid_client_offset"),
+            (vec![json!("ok"), json!("")], "invalid_client_offset"),
+            (vec![json!("ok"), json!("12345")], "invalid_client_offset"),
+        ];
+        for (args, code) in cases {
+            assert_eq!(
+                parse_send(&args, &LIMITS).unwrap_err().code(),
+                code,
+                "{args:?}"
+            );
+        }
+        // Characters, not bytes: five multi-byte characters fit.
+        assert!(parse_send(&[json!("ééééé")], &LIMITS).is_ok());
+    }
+}

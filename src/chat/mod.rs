@@ -1,0 +1,85 @@
+//! The Socket.IO side of the chat: the handshake (auth and replay) and `chat message` sends.
+
+mod connect;
+mod messages;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use socketioxide::{SocketIo, adapter::Adapter, extract::SocketRef, handler::ConnectHandler};
+use socketioxide_core::adapter::DefinedAdapter;
+
+use crate::{
+    config::History,
+    feed::{Feed, Sink, SinkError},
+    metrics::Metrics,
+    store::{Message, Store},
+    writer::Writer,
+};
+
+pub use connect::{AuthError, requested_offset};
+pub use messages::{InputError, Limits, parse_send};
+
+/// The event name of the contract, both directions.
+pub const CHAT_MESSAGE: &str = "chat message";
+
+/// What the handlers need, shared by every socket of the node.
+pub struct Chat {
+    /// Where connecting sockets subscribe.
+    pub feed: Feed,
+    /// Where sends are stored.
+    pub writer: Writer,
+    /// Consulted when a client claims an offset this node has not seen yet.
+    pub store: Arc<dyn Store>,
+    /// How much history a new client receives.
+    pub history: History,
+    /// Input limits.
+    pub limits: Limits,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Registers the `/` namespace on `io`; returns what the adapter needs awaited, if anything.
+pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, chat: Arc<Chat>) -> A::InitRes {
+    let for_auth = chat.clone();
+    let handler = move |socket: SocketRef<A>,
+                        auth: socketioxide::extract::TryData<serde_json::Value>| {
+        let chat = chat.clone();
+        async move { connect::on_connect(socket, auth.0.ok(), chat).await }
+    };
+    let check = move |auth: socketioxide::extract::TryData<serde_json::Value>| {
+        let chat = for_auth.clone();
+        async move { connect::check_auth(auth.0, &chat).await }
+    };
+    io.ns("/", handler.with(check))
+}
+
+/// A socket as the feed sees it.
+struct SocketSink<A: Adapter>(SocketRef<A>);
+
+impl<A: Adapter> Sink for SocketSink<A> {
+    fn send(&self, message: &Message) -> Result<(), SinkError> {
+        use socketioxide::{SendError, SocketError};
+        #[derive(Serialize)]
+        struct Args<'a>(&'a str, i64);
+        match self
+            .0
+            .emit(CHAT_MESSAGE, &Args(&message.content, message.offset))
+        {
+            Ok(()) => Ok(()),
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(SinkError::Full),
+            Err(SendError::Socket(SocketError::Closed)) => Err(SinkError::Closed),
+            Err(SendError::Serialize(error)) => {
+                // A string and a number always serialize; treat the impossible as a lost socket.
+                tracing::error!(error = ?error, "could not encode a chat message");
+                Err(SinkError::Closed)
+            }
+        }
+    }
+
+    fn disconnect(&self) {
+        if let Err(error) = self.0.clone().disconnect() {
+            tracing::debug!(error = ?error, "socket already gone");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The HTTP side: the chat page, the client bundle, liveness, readiness and metrics.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{Html, IntoResponse, Response},
+    routing::get,
+};
+use fred::{clients::Client, interfaces::ClientLike};
+
+use crate::{metrics::Metrics, store::Store};
+
+const PAGE: &str = include_str!("../assets/index.html");
+const CLIENT_BUNDLE: &str = include_str!("../assets/socket.io.min.js");
+
+/// What the HTTP handlers read.
+pub struct HttpState {
+    /// This node's name, a label on every metric.
+    pub node_id: Arc<str>,
+    /// Checked by readiness.
+    pub store: Arc<dyn Store>,
+    /// Checked by readiness in cluster mode.
+    pub redis: Option<Client>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Set when the node starts draining, so the load balancer stops sending clients here.
+    pub draining: AtomicBool,
+    /// Longest wait for one readiness check.
+    pub check_timeout: Duration,
+}
+
+/// The HTTP routes (Socket.IO is added by the caller as the fallback service).
+pub fn routes(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/socket.io/socket.io.js", get(client_bundle))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn client_bundle() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/javascript; charset=utf-8",
+            ),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        CLIENT_BUNDLE,
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
+    if state.draining.load(Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    let limit = state.check_timeout;
+    let store_ok = matches!(
+        tokio::time::timeout(limit, state.store.head()).await,
+        Ok(Ok(_))
+    );
+    if !store_ok {
+        return (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response();
+    }
+    if let Some(redis) = &state.redis {
+        let ping = tokio::time::timeout(limit, redis.ping::<String>(None)).await;
+        if !matches!(ping, Ok(Ok(_))) {
+            return (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable\n").into_response();
+        }
+    }
+    "ready\n".into_response()
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&state.node_id),
+    )
+        .into_response()
+}

@@ -1,0 +1,101 @@
+//! Message storage behind one trait: Postgres when scaled out, SQLite embedded.
+//!
+//! Both backends keep the same invariant, which the ordering argument in `docs/DESIGN.md`
+//! rests on: offsets are handed out in commit order, so the committed offsets are always
+//! exactly `1..=head` with no gap, and a reader that sees offset `n` sees every offset below it.
+
+mod postgres;
+mod sqlite;
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::future::BoxFuture;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::config::Settings;
+
+/// A message as a client sent it, validated, not yet stored.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// The client's idempotency key; `None` for clients that send none (stored once per emit).
+    pub client_offset: Option<String>,
+    /// The text.
+    pub content: String,
+}
+
+/// A stored message: its offset is its position in the one total order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The `serverOffset` clients see; gapless, starting at 1.
+    pub offset: i64,
+    /// The text.
+    pub content: String,
+}
+
+/// What `append` did with one input message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored now, at this offset.
+    Inserted(i64),
+    /// The client offset was stored before, at this offset; nothing was written.
+    Existing(i64),
+}
+
+/// Why a store operation failed; every variant is transient to clients (no ack, they retry).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or could not be reached.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    /// Migrations could not be applied at start-up.
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database did not answer in time.
+    #[error("database timed out")]
+    Timeout,
+}
+
+/// Durable, ordered message storage.
+pub trait Store: Send + Sync + 'static {
+    /// Stores a batch in one transaction, skipping client offsets stored before; the result has
+    /// one entry per input, in input order. Client offsets in one batch must be distinct.
+    fn append<'a>(
+        &'a self,
+        batch: &'a [NewMessage],
+    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>>;
+    /// Up to `limit` messages with offsets above `after`, in offset order.
+    fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>>;
+    /// The highest committed offset (0 when empty).
+    fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>>;
+    /// Closes the pool once in-flight work is done.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Opens the backend the URL names, runs its migrations and returns it.
+pub async fn connect(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> {
+    let url = settings.database_url.as_str();
+    let timeout = Duration::from_millis(settings.store.timeout_ms);
+    let max = settings.store.max_connections;
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url, max, timeout).await?))
+    } else {
+        Ok(Arc::new(PgStore::connect(url, max, timeout).await?))
+    }
+}
+
+/// Runs a query future with the store's time limit.
+async fn timed<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(StoreError::Timeout),
+    }
+}

@@ -1,0 +1,118 @@
+//! The SQLite backend, the embedded default: one process writes, inside `BEGIN IMMEDIATE`.
+
+use std::{str::FromStr, time::Duration};
+
+use futures_util::future::BoxFuture;
+use sqlx::{
+    SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+
+use super::{Appended, Message, NewMessage, Store, StoreError, timed};
+
+/// Messages in a local SQLite file (or in memory).
+pub struct SqliteStore {
+    pool: SqlitePool,
+    timeout: Duration,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database and applies migrations.
+    pub async fn connect(url: &str, max: u32, timeout: Duration) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // an ack promises durability, so every commit is synced
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(timeout);
+        // An in-memory database exists once per connection: keep one so every query sees it.
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(if in_memory { 1 } else { max })
+            .min_connections(if in_memory { 1 } else { 0 })
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(timeout)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool, timeout })
+    }
+
+    async fn append_inner(&self, batch: &[NewMessage]) -> Result<Vec<Appended>, sqlx::Error> {
+        // IMMEDIATE takes the write lock first, so the head read below cannot go stale.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut head: i64 = sqlx::query_scalar("select coalesce(max(id), 0) from messages")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut out = Vec::with_capacity(batch.len());
+        for message in batch {
+            if let Some(client_offset) = &message.client_offset {
+                let known: Option<i64> =
+                    sqlx::query_scalar("select id from messages where client_offset = ?")
+                        .bind(client_offset)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if let Some(id) = known {
+                    out.push(Appended::Existing(id));
+                    continue;
+                }
+            }
+            head += 1;
+            sqlx::query("insert into messages (id, client_offset, content) values (?, ?, ?)")
+                .bind(head)
+                .bind(message.client_offset.as_deref())
+                .bind(message.content.as_str())
+                .execute(&mut *tx)
+                .await?;
+            out.push(Appended::Inserted(head));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+impl Store for SqliteStore {
+    fn append<'a>(
+        &'a self,
+        batch: &'a [NewMessage],
+    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
+        Box::pin(timed(self.timeout, self.append_inner(batch)))
+    }
+
+    fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>> {
+        Box::pin(async move {
+            let rows: Vec<(i64, String)> = timed(
+                self.timeout,
+                sqlx::query_as("select id, content from messages where id > ? order by id limit ?")
+                    .bind(after)
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(offset, content)| Message { offset, content })
+                .collect())
+        })
+    }
+
+    fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
+        Box::pin(async move {
+            timed(
+                self.timeout,
+                sqlx::query_scalar("select coalesce(max(id), 0) from messages")
+                    .fetch_one(&self.pool),
+            )
+            .await
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.pool.close())
+    }
+}
