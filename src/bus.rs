@@ -86,8 +86,8 @@ impl RedisConnector {
 }
 
 /// Re-subscribes to every tracked channel after each reconnect, retrying until it succeeds.
-/// (fred's own `manage_subscriptions` tries once and only logs a failure, after which the
-/// client stays connected but deaf.)
+/// fred's own `resubscribe_all` sends `SUBSCRIBE` even with no channel to name, which Redis
+/// refuses, and `manage_subscriptions` only logs a failure, leaving a connected but deaf client.
 async fn keep_subscribed(client: SubscriberClient, cancel: CancellationToken) {
     let mut reconnects = client.reconnect_rx();
     loop {
@@ -100,23 +100,33 @@ async fn keep_subscribed(client: SubscriberClient, cancel: CancellationToken) {
             }
         }
         let mut pause = Duration::from_millis(50);
-        loop {
-            match client.resubscribe_all().await {
-                Ok(()) => {
-                    tracing::info!(client = %client.id(), "re-subscribed after a redis reconnect");
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, "re-subscribing failed; retrying");
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(pause) => {}
-                    }
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
+        while let Err(error) = resubscribe(&client).await {
+            tracing::warn!(error = %error, "re-subscribing failed; retrying");
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
             }
+            pause = (pause * 2).min(Duration::from_secs(1));
         }
     }
+}
+
+async fn resubscribe(client: &SubscriberClient) -> Result<(), fred::error::Error> {
+    let channels: Vec<String> = client
+        .tracked_channels()
+        .into_iter()
+        .map(|c| c.to_string())
+        .collect();
+    if !channels.is_empty() {
+        client.subscribe(channels).await?;
+    }
+    // The Socket.IO adapter uses sharded pub/sub; one SSUBSCRIBE per channel keeps every
+    // command within one hash slot.
+    for channel in client.tracked_shard_channels() {
+        client.ssubscribe(channel.to_string()).await?;
+    }
+    tracing::debug!(client = %client.id(), "subscriptions restored");
+    Ok(())
 }
 
 #[derive(Serialize, Deserialize)]
