@@ -1,0 +1,147 @@
+//! Multi-node behaviour: cross-node delivery, replay on another node, G1, and G3 under load.
+
+use std::time::Duration;
+
+use chorus::{
+    client::Client,
+    store::{NewMessage, PgStore, Store},
+};
+use serde_json::json;
+
+use crate::support::{REDIS, TestDb, run_js, spawn_cluster, unique};
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_to_one_node_reaches_clients_of_every_node() {
+    let db = TestDb::new().await;
+    let nodes = spawn_cluster(3, &db, REDIS, &unique("x")).await;
+    let mut receivers = Vec::new();
+    for node in &nodes {
+        receivers.push(Client::connect(&node.url, None).await.expect("connect"));
+    }
+    let sender = Client::connect(&nodes[0].url, None).await.expect("connect");
+    for i in 0..20 {
+        let ack = sender
+            .emit_with_ack("chat message", vec![json!(format!("m{i}")), json!(format!("x-{i}"))], T)
+            .await
+            .expect("acked");
+        assert!(ack.first().is_none_or(|a| a.get("error").is_none()), "{ack:?}");
+    }
+    for (n, receiver) in receivers.iter_mut().enumerate() {
+        for i in 0..20 {
+            let (content, offset) = receiver.next_chat_message(T).await.expect("delivered");
+            assert_eq!((content.as_str(), offset), (format!("m{i}").as_str(), i + 1), "node {n}");
+        }
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_reconnecting_to_another_node() {
+    let db = TestDb::new().await;
+    let nodes = spawn_cluster(3, &db, REDIS, &unique("r")).await;
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    run_js("replay.test.mjs", &urls, &[("CHORUS_TRANSPORT", "websocket".into())]).await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_20000_missed_messages_arrives_complete_and_in_order() {
+    let db = TestDb::new().await;
+    let store = PgStore::connect(&db.url, 2, Duration::from_secs(10))
+        .await
+        .expect("store");
+    const N: i64 = 20_000;
+    for chunk in 0..N / 1000 {
+        let batch: Vec<NewMessage> = (0..1000)
+            .map(|i| NewMessage {
+                client_offset: Some(format!("seed-{}", chunk * 1000 + i)),
+                content: format!("seed {}", chunk * 1000 + i + 1),
+            })
+            .collect();
+        store.append(&batch).await.expect("seed");
+    }
+    let nodes = spawn_cluster(3, &db, REDIS, &unique("r")).await;
+    // A client that saw offset 0 only by the unlimited-history rule would get everything; this
+    // one says it has seen 1, so it must get 2..=N.
+    let mut client = Client::connect(&nodes[2].url, Some(json!({ "serverOffset": 1 })))
+        .await
+        .expect("connect");
+    for expected in 2..=N {
+        let (content, offset) = client
+            .next_chat_message(T)
+            .await
+            .unwrap_or_else(|e| panic!("message {expected} of the replay: {e}"));
+        assert_eq!(offset, expected, "replay in order, no gap, no duplicate");
+        assert_eq!(content, format!("seed {expected}"));
+    }
+    // Then live messages follow with no seam.
+    let sender = Client::connect(&nodes[0].url, None).await.expect("connect");
+    sender
+        .emit_with_ack("chat message", vec![json!("live"), json!("live-1")], T)
+        .await
+        .expect("acked");
+    assert_eq!(client.next_chat_message(T).await.expect("live"), ("live".into(), N + 1));
+    assert!(nodes[2].metric("chorus_replays_total{source=\"database\"}").await >= 1.0);
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g1_the_same_client_offset_through_three_nodes_is_stored_and_broadcast_once() {
+    let db = TestDb::new().await;
+    let nodes = spawn_cluster(3, &db, REDIS, &unique("g1")).await;
+    let mut watcher = Client::connect(&nodes[1].url, None).await.expect("connect");
+    let mut senders = Vec::new();
+    for node in &nodes {
+        for _ in 0..2 {
+            senders.push(Client::connect(&node.url, None).await.expect("connect"));
+        }
+    }
+    const ROUNDS: usize = 50;
+    for round in 0..ROUNDS {
+        let key = format!("same-{round}");
+        let sends = senders.iter().map(|s| {
+            s.emit_with_ack("chat message", vec![json!(format!("once {round}")), json!(key)], T)
+        });
+        for ack in futures_util::future::join_all(sends).await {
+            let ack = ack.expect("every copy is acked");
+            assert!(ack.first().is_none_or(|a| a.get("error").is_none()), "{ack:?}");
+        }
+    }
+    for round in 0..ROUNDS {
+        let (content, offset) = watcher.next_chat_message(T).await.expect("broadcast");
+        assert_eq!(content, format!("once {round}"));
+        assert_eq!(offset, round as i64 + 1);
+    }
+    assert!(
+        watcher.next_chat_message(Duration::from_millis(500)).await.is_err(),
+        "no copy was broadcast twice"
+    );
+    assert_eq!(db.count().await, ROUNDS as i64, "each client offset stored once");
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g3_concurrent_senders_and_reconnecting_receivers_see_one_order() {
+    let db = TestDb::new().await;
+    let nodes = spawn_cluster(3, &db, REDIS, &unique("g3")).await;
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    run_js(
+        "concurrency.test.mjs",
+        &urls,
+        &[("CHORUS_TRANSPORT", "websocket".into())],
+    )
+    .await;
+    for node in nodes {
+        node.stop().await;
+    }
+}

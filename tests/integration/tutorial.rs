@@ -1,0 +1,65 @@
+//! The tutorial's flow with the official JavaScript client, on SQLite and on Postgres.
+
+use crate::support::{Node, TestDb, run_js, settings, spawn_cluster, unique, REDIS};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tutorial_flow_on_sqlite_single_node() {
+    let dir = std::env::temp_dir().join(unique("chorus_sqlite"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let url = format!("sqlite://{}", dir.join("chat.db").display());
+    let node = Node::start(settings(&url, None)).await;
+    for transport in ["websocket", "polling"] {
+        run_js(
+            "tutorial.test.mjs",
+            &[node.url.clone()],
+            &[("CHORUS_TRANSPORT", transport.to_owned())],
+        )
+        .await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tutorial_flow_on_postgres_cluster() {
+    let db = TestDb::new().await;
+    let nodes = spawn_cluster(3, &db, REDIS, &unique("t")).await;
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    for transport in ["websocket", "polling"] {
+        run_js(
+            "tutorial.test.mjs",
+            &urls,
+            &[("CHORUS_TRANSPORT", transport.to_owned())],
+        )
+        .await;
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_bundle_health_and_metrics_are_served() {
+    use crate::support::http_get;
+    let node = Node::start(settings("sqlite::memory:", None)).await;
+    let (status, page) = http_get(node.addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("/socket.io/socket.io.js"), "page loads the bundle");
+    assert!(page.contains("serverOffset"), "page has the tutorial client");
+    let (status, bundle) = http_get(node.addr, "/socket.io/socket.io.js").await;
+    assert_eq!(status, 200);
+    assert!(bundle.len() > 10_000, "bundle served");
+    assert_eq!(http_get(node.addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(node.addr, "/readyz").await.0, 200);
+    let (status, metrics) = http_get(node.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "chorus_connections",
+        "chorus_messages_stored_total",
+        "chorus_broadcasts_total",
+        "chorus_replays_total",
+        "chorus_errors_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    node.stop().await;
+}
