@@ -79,8 +79,14 @@ impl RedisConnector {
         cancel: CancellationToken,
     ) -> Result<SubscriberClient, BusError> {
         let client = self.builder.build_subscriber_client()?;
+        // fred announces every connection, the first one too: listen before connecting so the
+        // first announcement is surely the initial connection, which needs no re-subscribing.
+        let mut connections = client.reconnect_rx();
         client.init().await?;
-        tasks.spawn(keep_subscribed(client.clone(), cancel));
+        if connections.recv().await.is_err() {
+            tracing::warn!("no connection announcement from the redis client");
+        }
+        tasks.spawn(keep_subscribed(client.clone(), connections, cancel));
         Ok(client)
     }
 }
@@ -88,8 +94,11 @@ impl RedisConnector {
 /// Re-subscribes to every tracked channel after each reconnect, retrying until it succeeds.
 /// fred's own `resubscribe_all` sends `SUBSCRIBE` even with no channel to name, which Redis
 /// refuses, and `manage_subscriptions` only logs a failure, leaving a connected but deaf client.
-async fn keep_subscribed(client: SubscriberClient, cancel: CancellationToken) {
-    let mut reconnects = client.reconnect_rx();
+async fn keep_subscribed(
+    client: SubscriberClient,
+    mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,

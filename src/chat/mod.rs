@@ -42,10 +42,12 @@ pub struct Chat {
 /// Registers the `/` namespace on `io`; returns what the adapter needs awaited, if anything.
 pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, chat: Arc<Chat>) -> A::InitRes {
     let for_auth = chat.clone();
+    // socketioxide runs this closure at once and only spawns the future it returns; doing the
+    // work here means the socket's handlers exist before its first event is read.
     let handler = move |socket: SocketRef<A>,
                         auth: socketioxide::extract::TryData<serde_json::Value>| {
-        let chat = chat.clone();
-        async move { connect::on_connect(socket, auth.0.ok(), chat).await }
+        connect::on_connect(socket, auth.0.ok(), chat.clone());
+        std::future::ready(())
     };
     let check = move |auth: socketioxide::extract::TryData<serde_json::Value>| {
         let chat = for_auth.clone();

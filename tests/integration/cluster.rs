@@ -23,15 +23,26 @@ async fn a_message_sent_to_one_node_reaches_clients_of_every_node() {
     let sender = Client::connect(&nodes[0].url, None).await.expect("connect");
     for i in 0..20 {
         let ack = sender
-            .emit_with_ack("chat message", vec![json!(format!("m{i}")), json!(format!("x-{i}"))], T)
+            .emit_with_ack(
+                "chat message",
+                vec![json!(format!("m{i}")), json!(format!("x-{i}"))],
+                T,
+            )
             .await
             .expect("acked");
-        assert!(ack.first().is_none_or(|a| a.get("error").is_none()), "{ack:?}");
+        assert!(
+            ack.first().is_none_or(|a| a.get("error").is_none()),
+            "{ack:?}"
+        );
     }
     for (n, receiver) in receivers.iter_mut().enumerate() {
         for i in 0..20 {
             let (content, offset) = receiver.next_chat_message(T).await.expect("delivered");
-            assert_eq!((content.as_str(), offset), (format!("m{i}").as_str(), i + 1), "node {n}");
+            assert_eq!(
+                (content.as_str(), offset),
+                (format!("m{i}").as_str(), i + 1),
+                "node {n}"
+            );
         }
     }
     for node in nodes {
@@ -44,7 +55,12 @@ async fn replay_after_reconnecting_to_another_node() {
     let db = TestDb::new().await;
     let nodes = spawn_cluster(3, &db, REDIS, &unique("r")).await;
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
-    run_js("replay.test.mjs", &urls, &[("CHORUS_TRANSPORT", "websocket".into())]).await;
+    run_js(
+        "replay.test.mjs",
+        &urls,
+        &[("CHORUS_TRANSPORT", "websocket".into())],
+    )
+    .await;
     for node in nodes {
         node.stop().await;
     }
@@ -86,8 +102,16 @@ async fn a_replay_of_20000_missed_messages_arrives_complete_and_in_order() {
         .emit_with_ack("chat message", vec![json!("live"), json!("live-1")], T)
         .await
         .expect("acked");
-    assert_eq!(client.next_chat_message(T).await.expect("live"), ("live".into(), N + 1));
-    assert!(nodes[2].metric("chorus_replays_total{source=\"database\"}").await >= 1.0);
+    assert_eq!(
+        client.next_chat_message(T).await.expect("live"),
+        ("live".into(), N + 1)
+    );
+    assert!(
+        nodes[2]
+            .metric("chorus_replays_total{source=\"database\"}")
+            .await
+            >= 1.0
+    );
     for node in nodes {
         node.stop().await;
     }
@@ -108,11 +132,18 @@ async fn g1_the_same_client_offset_through_three_nodes_is_stored_and_broadcast_o
     for round in 0..ROUNDS {
         let key = format!("same-{round}");
         let sends = senders.iter().map(|s| {
-            s.emit_with_ack("chat message", vec![json!(format!("once {round}")), json!(key)], T)
+            s.emit_with_ack(
+                "chat message",
+                vec![json!(format!("once {round}")), json!(key)],
+                T,
+            )
         });
         for ack in futures_util::future::join_all(sends).await {
             let ack = ack.expect("every copy is acked");
-            assert!(ack.first().is_none_or(|a| a.get("error").is_none()), "{ack:?}");
+            assert!(
+                ack.first().is_none_or(|a| a.get("error").is_none()),
+                "{ack:?}"
+            );
         }
     }
     for round in 0..ROUNDS {
@@ -121,10 +152,17 @@ async fn g1_the_same_client_offset_through_three_nodes_is_stored_and_broadcast_o
         assert_eq!(offset, round as i64 + 1);
     }
     assert!(
-        watcher.next_chat_message(Duration::from_millis(500)).await.is_err(),
+        watcher
+            .next_chat_message(Duration::from_millis(500))
+            .await
+            .is_err(),
         "no copy was broadcast twice"
     );
-    assert_eq!(db.count().await, ROUNDS as i64, "each client offset stored once");
+    assert_eq!(
+        db.count().await,
+        ROUNDS as i64,
+        "each client offset stored once"
+    );
     for node in nodes {
         node.stop().await;
     }

@@ -5,7 +5,9 @@ use std::time::Duration;
 use chorus::client::{Client, ClientError};
 use serde_json::json;
 
-use crate::support::{FaultProxy, Node, PrivateRedis, TestDb, http_get, settings, unique, wait_for};
+use crate::support::{
+    FaultProxy, Node, PrivateRedis, TestDb, http_get, settings, unique, wait_for,
+};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -44,12 +46,18 @@ async fn g2_no_ack_while_the_database_is_unreachable_then_one_row_and_one_ack() 
         }
     }
     let ack = acked.expect("acked once the database is back");
-    assert!(ack.first().is_none_or(|a| a.get("error").is_none()), "{ack:?}");
+    assert!(
+        ack.first().is_none_or(|a| a.get("error").is_none()),
+        "{ack:?}"
+    );
     assert_eq!(db.count().await, 1, "exactly one row");
     let (content, offset) = client.next_chat_message(T).await.expect("broadcast");
     assert_eq!((content.as_str(), offset), ("during outage", 1));
     assert!(
-        client.next_chat_message(Duration::from_millis(500)).await.is_err(),
+        client
+            .next_chat_message(Duration::from_millis(500))
+            .await
+            .is_err(),
         "broadcast once"
     );
     node.stop().await;
@@ -76,7 +84,10 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
         .emit_with_ack("chat message", vec![json!("before"), json!("rr-0")], T)
         .await
         .expect("acked");
-    assert_eq!(receiver.next_chat_message(T).await.expect("before"), ("before".into(), 1));
+    assert_eq!(
+        receiver.next_chat_message(T).await.expect("before"),
+        ("before".into(), 1)
+    );
 
     let port = redis.kill().await;
     wait_for(T, "readiness to report redis down", || async {
@@ -90,9 +101,11 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
         .expect("acked while redis is down");
     let _redis = PrivateRedis::start_on(port).await;
     for node in &nodes {
-        wait_for(Duration::from_secs(20), "readiness after redis returns", || async {
-            http_get(node.addr, "/readyz").await.0 == 200
-        })
+        wait_for(
+            Duration::from_secs(20),
+            "readiness after redis returns",
+            || async { http_get(node.addr, "/readyz").await.0 == 200 },
+        )
         .await;
     }
     let received_before = nodes[2].metric("chorus_bus_received_total").await;
@@ -100,18 +113,26 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
     // would be missed by the bus (and filled from the store), so keep sending until the bus
     // carries one.
     let mut i = 2;
-    wait_for(Duration::from_secs(20), "the bus to carry messages again", || {
-        i += 1;
-        let sender = &sender;
-        let nodes = &nodes;
-        async move {
-            sender
-                .emit_with_ack("chat message", vec![json!(format!("after {i}")), json!(format!("rr-{i}"))], T)
-                .await
-                .expect("acked");
-            nodes[2].metric("chorus_bus_received_total").await > received_before
-        }
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "the bus to carry messages again",
+        || {
+            i += 1;
+            let sender = &sender;
+            let nodes = &nodes;
+            async move {
+                sender
+                    .emit_with_ack(
+                        "chat message",
+                        vec![json!(format!("after {i}")), json!(format!("rr-{i}"))],
+                        T,
+                    )
+                    .await
+                    .expect("acked");
+                nodes[2].metric("chorus_bus_received_total").await > received_before
+            }
+        },
+    )
     .await;
     // Everything arrives once, in order, including what was stored during the outage.
     let (content, offset) = receiver.next_chat_message(T).await.expect("during");
@@ -121,7 +142,11 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
         assert_eq!(offset, expected, "in order, no gap, no duplicate");
         expected += 1;
     }
-    assert_eq!(expected, i64::from(i) + 1, "every message after the restart arrived");
+    assert_eq!(
+        expected,
+        i64::from(i) + 1,
+        "every message after the restart arrived"
+    );
     for node in nodes {
         node.stop().await;
     }

@@ -30,10 +30,16 @@ async fn invalid_input_of_each_kind_is_rejected_and_changes_nothing() {
         (vec![], "invalid_content"),
         (vec![json!(""), json!("c-3")], "empty_content"),
         (vec![json!("   "), json!("c-4")], "empty_content"),
-        (vec![json!("x".repeat(101)), json!("c-5")], "content_too_long"),
+        (
+            vec![json!("x".repeat(101)), json!("c-5")],
+            "content_too_long",
+        ),
         (vec![json!("ok"), json!(12)], "invalid_client_offset"),
         (vec![json!("ok"), json!(["a"])], "invalid_client_offset"),
-        (vec![json!("ok"), json!("o".repeat(129))], "invalid_client_offset"),
+        (
+            vec![json!("ok"), json!("o".repeat(129))],
+            "invalid_client_offset",
+        ),
     ];
     for (args, code) in cases {
         let ack = client
@@ -52,7 +58,14 @@ async fn invalid_input_of_each_kind_is_rejected_and_changes_nothing() {
     assert_eq!(error_code(&ack), None);
 
     // Malformed packets and oversized frames close only the offender's connection.
-    for raw in ["42[not json", "4", "42", "49[\"x\"]", "42{\"a\":1}", "0garbage"] {
+    for raw in [
+        "42[not json",
+        "4",
+        "42",
+        "49[\"x\"]",
+        "42{\"a\":1}",
+        "0garbage",
+    ] {
         let mut bad = Client::connect(&node.url, None).await.expect("connect");
         bad.send_raw(raw.to_owned()).await.expect("send raw");
         // Either the server closes it or ignores the packet; the node must stay up.
@@ -61,15 +74,29 @@ async fn invalid_input_of_each_kind_is_rejected_and_changes_nothing() {
     let mut big = Client::connect(&node.url, None).await.expect("connect");
     let huge = format!("42[\"chat message\",\"{}\",\"big-1\"]", "y".repeat(10_000));
     big.send_raw(huge).await.expect("send oversized");
-    big.wait_closed(T).await.expect("an oversized websocket frame closes the connection");
+    big.wait_closed(T)
+        .await
+        .expect("an oversized websocket frame closes the connection");
     let binary = Client::connect(&node.url, None).await.expect("connect");
-    binary.send_raw_binary(vec![0, 1, 2, 3]).await.expect("send binary");
+    binary
+        .send_raw_binary(vec![0, 1, 2, 3])
+        .await
+        .expect("send binary");
 
     // Handshakes with a bad offset get a connect_error that says what is wrong.
-    for auth in [json!({"serverOffset": "abc"}), json!({"serverOffset": -5}), json!({"serverOffset": 1.5}), json!("str"), json!({"serverOffset": 1_000_000})] {
+    for auth in [
+        json!({"serverOffset": "abc"}),
+        json!({"serverOffset": -5}),
+        json!({"serverOffset": 1.5}),
+        json!("str"),
+        json!({"serverOffset": 1_000_000}),
+    ] {
         match Client::connect(&node.url, Some(auth.clone())).await {
             Err(ClientError::ConnectRejected(message)) => {
-                assert!(message.contains("serverOffset") || message.contains("auth"), "{message}")
+                assert!(
+                    message.contains("serverOffset") || message.contains("auth"),
+                    "{message}"
+                )
             }
             other => panic!("{auth} must be refused, got {other:?}"),
         }
@@ -78,9 +105,18 @@ async fn invalid_input_of_each_kind_is_rejected_and_changes_nothing() {
     // Nothing invalid was stored or broadcast: the bystander sees only the valid message.
     let (content, offset) = bystander.next_chat_message(T).await.expect("valid message");
     assert_eq!((content.as_str(), offset), ("valid", 1));
-    assert!(bystander.next_chat_message(Duration::from_millis(500)).await.is_err());
+    assert!(
+        bystander
+            .next_chat_message(Duration::from_millis(500))
+            .await
+            .is_err()
+    );
     assert_eq!(db.count().await, 1);
-    assert!(node.metric("chorus_errors_total{kind=\"invalid_input\"}").await >= 10.0);
+    assert!(
+        node.metric("chorus_errors_total{kind=\"invalid_input\"}")
+            .await
+            >= 10.0
+    );
     node.stop().await;
 }
 
@@ -92,7 +128,10 @@ async fn a_flood_from_one_client_leaves_others_unaffected() {
     // Fire 2 000 sends without waiting; some may be refused as rate limited, none may crash.
     for i in 0..2000 {
         flooder
-            .emit("chat message", vec![json!(format!("flood {i}")), json!(format!("f-{i}"))])
+            .emit(
+                "chat message",
+                vec![json!(format!("flood {i}")), json!(format!("f-{i}"))],
+            )
             .await
             .expect("send");
     }

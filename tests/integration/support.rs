@@ -76,7 +76,9 @@ impl TestDb {
     }
 
     pub async fn connect(&self) -> PgConnection {
-        PgConnection::connect(&self.url).await.expect("connect to test database")
+        PgConnection::connect(&self.url)
+            .await
+            .expect("connect to test database")
     }
 
     /// Rows in `messages`.
@@ -91,9 +93,9 @@ impl TestDb {
 /// Fails the test with a clear message when Redis is not there.
 pub async fn require_redis(url: &str) {
     let addr = url.trim_start_matches("redis://");
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("Redis is not reachable at {url} ({e}); scripts/test starts it"));
+    let mut stream = TcpStream::connect(addr).await.unwrap_or_else(|e| {
+        panic!("Redis is not reachable at {url} ({e}); scripts/test starts it")
+    });
     stream.write_all(b"PING\r\n").await.expect("write to redis");
 }
 
@@ -104,7 +106,10 @@ pub fn settings(database_url: &str, redis: Option<(&str, &str)>) -> Settings {
         ("PORT".to_owned(), "0".to_owned()),
         ("DATABASE_URL".to_owned(), database_url.to_owned()),
         ("CHAT__STORE__TIMEOUT_MS".to_owned(), "2000".to_owned()),
-        ("CHAT__SHUTDOWN__DRAIN_TIMEOUT_MS".to_owned(), "3000".to_owned()),
+        (
+            "CHAT__SHUTDOWN__DRAIN_TIMEOUT_MS".to_owned(),
+            "3000".to_owned(),
+        ),
     ];
     if let Some((url, prefix)) = redis {
         env.push(("REDIS_URL".to_owned(), url.to_owned()));
@@ -123,6 +128,12 @@ pub struct Node {
 
 impl Node {
     pub async fn start(settings: Settings) -> Node {
+        // Node logs go to the test's output, shown when it fails.
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,chorus=info".into());
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .try_init();
         let app = chorus::app::build(settings).await.expect("node starts");
         let addr = app.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -156,12 +167,18 @@ impl Node {
     pub async fn metric(&self, name: &str) -> f64 {
         let body = http_get(self.addr, "/metrics").await.1;
         for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let Some((key, value)) = line.rsplit_once(' ') else { continue };
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
             let key = match key.split_once("node=\"") {
                 Some((metric, rest)) => {
                     let rest = rest.split_once('"').map(|(_, r)| r).unwrap_or("");
                     let rest = rest.trim_start_matches(',');
-                    if rest == "}" { metric.trim_end_matches('{').to_owned() } else { format!("{metric}{rest}") }
+                    if rest == "}" {
+                        metric.trim_end_matches('{').to_owned()
+                    } else {
+                        format!("{metric}{rest}")
+                    }
                 }
                 None => key.to_owned(),
             };
@@ -178,7 +195,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::AsyncReadExt;
     let mut stream = TcpStream::connect(addr).await.expect("connect for GET");
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .expect("write GET");
     let mut buf = Vec::new();
@@ -292,7 +311,16 @@ pub struct PrivateRedis {
 impl PrivateRedis {
     pub async fn start_on(port: u16) -> PrivateRedis {
         let child = tokio::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()

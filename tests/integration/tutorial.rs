@@ -1,6 +1,6 @@
 //! The tutorial's flow with the official JavaScript client, on SQLite and on Postgres.
 
-use crate::support::{Node, TestDb, run_js, settings, spawn_cluster, unique, REDIS};
+use crate::support::{Node, REDIS, TestDb, run_js, settings, spawn_cluster, unique};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tutorial_flow_on_sqlite_single_node() {
@@ -43,8 +43,14 @@ async fn page_bundle_health_and_metrics_are_served() {
     let node = Node::start(settings("sqlite::memory:", None)).await;
     let (status, page) = http_get(node.addr, "/").await;
     assert_eq!(status, 200);
-    assert!(page.contains("/socket.io/socket.io.js"), "page loads the bundle");
-    assert!(page.contains("serverOffset"), "page has the tutorial client");
+    assert!(
+        page.contains("/socket.io/socket.io.js"),
+        "page loads the bundle"
+    );
+    assert!(
+        page.contains("serverOffset"),
+        "page has the tutorial client"
+    );
     let (status, bundle) = http_get(node.addr, "/socket.io/socket.io.js").await;
     assert_eq!(status, 200);
     assert!(bundle.len() > 10_000, "bundle served");
