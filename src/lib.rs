@@ -10,6 +10,7 @@
 //! - [`bus`]: carries committed messages between nodes over Redis pub/sub (a fast path).
 //! - [`store`]: message storage behind one trait: Postgres and SQLite.
 //! - [`http`]: the page, the client bundle, health, readiness, metrics.
+//! - [`logging`]: plain or JSON log lines, each with the node id.
 //! - [`metrics`]: the node's counters in Prometheus text.
 //! - [`client`]: a small Socket.IO websocket client for tests and load generation.
 //!
@@ -22,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod feed;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod store;
 pub mod writer;

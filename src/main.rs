@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use chorus::config::{LogFormat, Settings};
+use chorus::config::Settings;
 
 fn config_path() -> anyhow::Result<Option<PathBuf>> {
     let mut args = std::env::args().skip(1);
@@ -26,18 +26,6 @@ fn config_path() -> anyhow::Result<Option<PathBuf>> {
         }
     }
     Ok(path)
-}
-
-fn init_logging(settings: &Settings) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
-        .context("invalid log.level")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match settings.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Plain => builder.init(),
-    }
-    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -63,13 +51,15 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let path = config_path()?;
     let settings = Settings::load(path.as_deref()).context("failed to load settings")?;
-    init_logging(&settings)?;
+    if let Some(id) = &settings.node_id {
+        chorus::logging::set_node(id);
+    }
+    chorus::logging::init(settings.log.format, &settings.log.level)?;
     let app = chorus::app::build(settings)
         .await
         .context("failed to start the node")?;
-    let node = tracing::info_span!("node", id = %app.node_id());
+    chorus::logging::set_node(app.node_id());
     println!("chorus listening on http://{}", app.local_addr());
-    let _entered = node.enter();
     app.run_until(shutdown_signal()).await;
     Ok(())
 }

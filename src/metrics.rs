@@ -1,9 +1,6 @@
 //! Counters and gauges of one node, rendered as Prometheus text for `/metrics`.
 
-use std::{
-    fmt::Write,
-    sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
-};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// Where a replay was served from.
 #[derive(Debug, Clone, Copy)]
@@ -86,10 +83,10 @@ impl Metrics {
         let mut out = String::with_capacity(2048);
         let node = node.replace('\\', "\\\\").replace('"', "\\\"");
         let mut line = |name: &str, kind: &str, help: &str, samples: &[(&str, i128)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
             for (labels, value) in samples {
                 let sep = if labels.is_empty() { "" } else { "," };
-                let _ = writeln!(out, "{name}{{node=\"{node}\"{sep}{labels}}} {value}");
+                out.push_str(&format!("{name}{{node=\"{node}\"{sep}{labels}}} {value}\n"));
             }
         };
         let c = |a: &AtomicU64| i128::from(a.load(Relaxed));
