@@ -28,6 +28,7 @@ import {
   report,
   sequenceProblems,
   summarize,
+  droppedReport,
   waitUntil,
 } from './support.mjs';
 
@@ -89,7 +90,7 @@ for (const transport of TRANSPORTS) {
         await waitUntil(() => acked + failures.length === M, {
           timeoutMs: BULK_TIMEOUT,
           what: `acks of ${M} messages`,
-          detail: () => `acked ${acked}, failed ${failures.length}`,
+          detail: () => `acked ${acked}, failed ${failures.length}${droppedReport(senders)}`,
         });
         await Promise.all(pending);
         const sendMs = Date.now() - started;
@@ -98,7 +99,7 @@ for (const transport of TRANSPORTS) {
         await waitUntil(() => seen.size === M, {
           timeoutMs: BULK_TIMEOUT,
           what: `the observer on node 0 to see all ${M} messages broadcast`,
-          detail: () => `seen ${seen.size}`,
+          detail: () => `seen ${seen.size}${droppedReport([observer])}`,
         });
         assert.equal(seenDup, 0, 'the observer received some message twice');
         assert.deepEqual(sequenceProblems(observer.received), [], 'observer: offsets not consecutive');
@@ -122,7 +123,8 @@ for (const transport of TRANSPORTS) {
         await waitUntil(() => replayer.received.length >= M, {
           timeoutMs: BULK_TIMEOUT,
           what: `the replayer on ${LAST} (serverOffset ${K}) to receive ${M} messages`,
-          detail: () => `received ${replayer.received.length}, last ${JSON.stringify(replayer.received.at(-1))}`,
+          detail: () =>
+            `received ${replayer.received.length}, last ${JSON.stringify(replayer.received.at(-1))}${droppedReport([replayer])}`,
         });
         const replayMs = Date.now() - replayStarted;
         const got = replayer.received.slice(0, M);

@@ -244,8 +244,15 @@ export class ChatClient {
     socket.onAnyOutgoing((event) => {
       if (event === 'chat message') this.outgoing++;
     });
+    /** disconnects this client did not ask for: reasons */
+    this.dropped = [];
     socket.on('connect', changed);
-    socket.on('disconnect', changed);
+    socket.on('disconnect', (reason, description) => {
+      if (reason !== 'io client disconnect') {
+        this.dropped.push(description?.message ? `${reason} (${description.message})` : reason);
+      }
+      changed();
+    });
   }
 
   /** Offset of the newest message seen (the tutorial keeps it in socket.auth). */
@@ -363,13 +370,21 @@ export class ChatClient {
     return waitUntil(() => this.has(content), {
       timeoutMs,
       what: `${this.name} to receive ${describeValue(content)}`,
-      detail: () => `last 5 received: ${describeValue(this.received.slice(-5))}, connected=${this.socket.connected}`,
+      detail: () =>
+        `last 5 received: ${describeValue(this.received.slice(-5))}, connected=${this.socket.connected}` +
+        (this.dropped.length ? `, dropped by the server/transport: ${describeValue(this.dropped)}` : ''),
     });
   }
 
   close() {
     this.socket.disconnect();
   }
+}
+
+/** "name: reasons" for every client that lost its connection without asking. */
+export function droppedReport(clients) {
+  const lines = clients.filter((c) => c.dropped.length).map((c) => `${c.name}: ${c.dropped.join(', ')}`);
+  return lines.length ? `; connections dropped: ${lines.join('; ')}` : '';
 }
 
 /** Tracks clients so a test can close all of them in `finally`. */

@@ -15,6 +15,7 @@ import {
   STEP_TIMEOUT,
   TRANSPORTS,
   URLS,
+  intFromEnv,
   isRejection,
   ms,
   report,
@@ -24,6 +25,9 @@ import {
 } from './support.mjs';
 
 const URL0 = URLS[0];
+// The server's limits (its defaults unless the harness configured others).
+const MAX_MESSAGE_CHARS = intFromEnv('CHORUS_MAX_MESSAGE_CHARS', 4096);
+const MAX_CLIENT_OFFSET_CHARS = intFromEnv('CHORUS_MAX_CLIENT_OFFSET_CHARS', 128);
 const TEST_TIMEOUT = ms(120_000);
 
 const count = (client, content) => client.countOf(content);
@@ -207,6 +211,12 @@ for (const transport of TRANSPORTS) {
           ['null content', null],
           ['object content', { text: `${prefix}object` }],
           ['number clientOffset', `${prefix}numeric-client-offset`, 12345],
+          [`content of ${MAX_MESSAGE_CHARS + 1} chars`, `${prefix}long`.padEnd(MAX_MESSAGE_CHARS + 1, 'x')],
+          [
+            `clientOffset of ${MAX_CLIENT_OFFSET_CHARS + 1} chars`,
+            `${prefix}long-client-offset`,
+            `${RUN_ID}-${transport}-`.padEnd(MAX_CLIENT_OFFSET_CHARS + 1, 'o'),
+          ],
         ];
         const codes = [];
         for (const [label, content, clientOffset] of cases) {
@@ -223,8 +233,9 @@ for (const transport of TRANSPORTS) {
           codes.push(`${label}=${r.res.error.code}`);
         }
 
-        const barrier = `${prefix}reject-barrier`;
-        await A.sendOk(barrier);
+        // The barrier is exactly at both limits: accepted.
+        const barrier = `${prefix}reject-barrier`.padEnd(MAX_MESSAGE_CHARS, '.');
+        await A.sendOk(barrier, `${RUN_ID}-${transport}-at-limit-`.padEnd(MAX_CLIENT_OFFSET_CHARS, 'o'));
         await B.waitFor(barrier);
         assert.deepEqual(
           B.received.slice(before),
