@@ -140,7 +140,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         limits: Limits {
             max_message_chars: settings.chat.max_message_chars,
             max_client_offset_chars: settings.chat.max_client_offset_chars,
-            max_in_flight: 256,
+            max_in_flight: settings.chat.max_in_flight,
         },
         metrics: metrics.clone(),
     });

@@ -46,6 +46,8 @@ pub struct ChatSettings {
     pub max_buffer_size: usize,
     /// How long a socket whose buffer stays full is kept before it is disconnected.
     pub slow_consumer_timeout_ms: u64,
+    /// Most sends of one socket waiting for their ack; more are refused as rate limited.
+    pub max_in_flight: usize,
 }
 
 /// Storage tuning.
@@ -174,6 +176,7 @@ max_client_offset_chars = 128
 max_payload_bytes = 65536
 max_buffer_size = 1024
 slow_consumer_timeout_ms = 30000
+max_in_flight = 256
 
 [store]
 max_connections = 8
@@ -262,6 +265,9 @@ impl Settings {
         }
         if self.chat.max_message_chars == 0 {
             return invalid("chat.max_message_chars", "must be at least 1");
+        }
+        if self.chat.max_in_flight == 0 {
+            return invalid("chat.max_in_flight", "must be at least 1");
         }
         if self.chat.max_buffer_size < 16 {
             return invalid("chat.max_buffer_size", "must be at least 16");

@@ -26,7 +26,7 @@ pub struct NewMessage {
 }
 
 /// A stored message: its offset is its position in the one total order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Message {
     /// The `serverOffset` clients see; gapless, starting at 1.
     pub offset: i64,

@@ -68,20 +68,16 @@ impl Store for PgStore {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>> {
         Box::pin(async move {
-            let rows: Vec<(i64, String)> = timed(
+            timed(
                 self.timeout,
                 sqlx::query_as(
-                    "select id, content from messages where id > $1 order by id limit $2",
+                    r#"select id as "offset", content from messages where id > $1 order by id limit $2"#,
                 )
                 .bind(after)
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch_all(&self.pool),
             )
-            .await?;
-            Ok(rows
-                .into_iter()
-                .map(|(offset, content)| Message { offset, content })
-                .collect())
+            .await
         })
     }
 

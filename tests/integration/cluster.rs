@@ -8,7 +8,7 @@ use chorus::{
 };
 use serde_json::json;
 
-use crate::support::{REDIS, TestDb, run_js, spawn_cluster, unique};
+use crate::support::{REDIS, TestDb, run_js, spawn_cluster, stop_all, unique};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -45,9 +45,7 @@ async fn a_message_sent_to_one_node_reaches_clients_of_every_node() {
             );
         }
     }
-    for node in nodes {
-        node.stop().await;
-    }
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,9 +59,7 @@ async fn replay_after_reconnecting_to_another_node() {
         &[("CHORUS_TRANSPORT", "websocket".into())],
     )
     .await;
-    for node in nodes {
-        node.stop().await;
-    }
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,9 +108,7 @@ async fn a_replay_of_20000_missed_messages_arrives_complete_and_in_order() {
             .await
             >= 1.0
     );
-    for node in nodes {
-        node.stop().await;
-    }
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,9 +157,7 @@ async fn g1_the_same_client_offset_through_three_nodes_is_stored_and_broadcast_o
         ROUNDS as i64,
         "each client offset stored once"
     );
-    for node in nodes {
-        node.stop().await;
-    }
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +171,5 @@ async fn g3_concurrent_senders_and_reconnecting_receivers_see_one_order() {
         &[("CHORUS_TRANSPORT", "websocket".into())],
     )
     .await;
-    for node in nodes {
-        node.stop().await;
-    }
+    stop_all(nodes).await;
 }

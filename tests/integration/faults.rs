@@ -6,7 +6,7 @@ use chorus::client::{Client, ClientError};
 use serde_json::json;
 
 use crate::support::{
-    FaultProxy, Node, PrivateRedis, TestDb, http_get, settings, unique, wait_for,
+    FaultProxy, Node, PrivateRedis, TestDb, http_get, settings, stop_all, unique, wait_for,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -147,7 +147,5 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
         i64::from(i) + 1,
         "every message after the restart arrived"
     );
-    for node in nodes {
-        node.stop().await;
-    }
+    stop_all(nodes).await;
 }

@@ -212,6 +212,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Stops every node gracefully.
+pub async fn stop_all(nodes: Vec<Node>) {
+    futures_util::future::join_all(nodes.into_iter().map(Node::stop)).await;
+}
+
 /// Starts `n` nodes on one database and one Redis prefix.
 pub async fn spawn_cluster(n: usize, db: &TestDb, redis_url: &str, prefix: &str) -> Vec<Node> {
     require_redis(redis_url).await;

@@ -1,6 +1,6 @@
 //! The tutorial's flow with the official JavaScript client, on SQLite and on Postgres.
 
-use crate::support::{Node, REDIS, TestDb, run_js, settings, spawn_cluster, unique};
+use crate::support::{Node, REDIS, TestDb, run_js, settings, spawn_cluster, stop_all, unique};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tutorial_flow_on_sqlite_single_node() {
@@ -32,9 +32,7 @@ async fn tutorial_flow_on_postgres_cluster() {
         )
         .await;
     }
-    for node in nodes {
-        node.stop().await;
-    }
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
