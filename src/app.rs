@@ -77,6 +77,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         .unwrap_or_else(|| format!("{}:{}", host_name(), local.port()))
         .into();
 
+    crate::logging::set_node(&node_id);
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
     let cancel = CancellationToken::new();

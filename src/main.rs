@@ -58,7 +58,6 @@ async fn main() -> anyhow::Result<()> {
     let app = chorus::app::build(settings)
         .await
         .context("failed to start the node")?;
-    chorus::logging::set_node(app.node_id());
     println!("chorus listening on http://{}", app.local_addr());
     app.run_until(shutdown_signal()).await;
     Ok(())

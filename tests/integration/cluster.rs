@@ -173,3 +173,51 @@ async fn g3_concurrent_senders_and_reconnecting_receivers_see_one_order() {
     .await;
     stop_all(nodes).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_crosses_the_bus_without_drops() {
+    // With the store's gap filling and polling made too slow to help, every message of a burst
+    // must reach the other nodes over the bus alone, in order.
+    let db = TestDb::new().await;
+    let prefix = unique("burst");
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let mut s = crate::support::settings(&db.url, Some((REDIS, &prefix)));
+        s.feed.gap_timeout_ms = 120_000;
+        s.feed.poll_interval_ms = 120_000;
+        s.store.batch_max = 4;
+        nodes.push(crate::support::Node::start(s).await);
+    }
+    let mut receiver = Client::connect(&nodes[2].url, None).await.expect("connect");
+    let mut senders = Vec::new();
+    for _ in 0..8 {
+        senders.push(Client::connect(&nodes[0].url, None).await.expect("connect"));
+    }
+    const EACH: usize = 250;
+    // Every send goes out at once; small batches make many publishes.
+    for (s, sender) in senders.iter().enumerate() {
+        for i in 0..EACH {
+            sender
+                .emit(
+                    "chat message",
+                    vec![json!(format!("b{s}-{i}")), json!(format!("b{s}-{i}"))],
+                )
+                .await
+                .expect("send");
+        }
+    }
+    let total = (senders.len() * EACH) as i64;
+    for expected in 1..=total {
+        let (_, offset) = receiver
+            .next_chat_message(T)
+            .await
+            .unwrap_or_else(|e| panic!("message {expected} of {total} over the bus: {e}"));
+        assert_eq!(offset, expected);
+    }
+    assert_eq!(nodes[2].metric("chorus_gap_fills_total").await, 0.0);
+    assert_eq!(
+        nodes[2].metric("chorus_bus_received_total").await,
+        total as f64
+    );
+    stop_all(nodes).await;
+}
