@@ -108,14 +108,19 @@ async fn commit(
     bus: Option<&Bus>,
     metrics: &Metrics,
 ) {
-    // The same client offset twice in one batch (a retry racing its original) is stored once:
-    // `slots[i]` is the position in `unique` that answers submission i.
+    // The same message twice in one batch (a retry racing its original) is stored once:
+    // `slots[i]` is the position in `unique` that answers submission i. A message is its client
+    // offset and its content (see `NewMessage::client_offset`).
     let mut unique: Vec<NewMessage> = Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
-    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
     for submission in batch.iter() {
-        let key = submission.message.client_offset.as_deref();
-        let slot = match key.and_then(|k| seen.get(k).copied()) {
+        let message = &submission.message;
+        let key = message
+            .client_offset
+            .as_deref()
+            .map(|offset| (offset, message.content.as_str()));
+        let slot = match key.and_then(|k| seen.get(&k).copied()) {
             Some(slot) => slot,
             None => {
                 if let Some(k) = key {

@@ -20,6 +20,10 @@ use crate::config::Settings;
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     /// The client's idempotency key; `None` for clients that send none (stored once per emit).
+    /// A retry repeats both this and the content, so a message is identified by the two
+    /// together: the tutorial's client builds the key from `socket.id`, which is undefined while
+    /// it is disconnected, so messages queued offline by different clients share keys such as
+    /// `"undefined-3"`.
     pub client_offset: Option<String>,
     /// The text.
     pub content: String,

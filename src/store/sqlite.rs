@@ -48,11 +48,13 @@ impl SqliteStore {
         let mut out = Vec::with_capacity(batch.len());
         for message in batch {
             if let Some(client_offset) = &message.client_offset {
-                let known: Option<i64> =
-                    sqlx::query_scalar("select id from messages where client_offset = ?")
-                        .bind(client_offset)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                let known: Option<i64> = sqlx::query_scalar(
+                    "select id from messages where client_offset = ? and content = ?",
+                )
+                .bind(client_offset)
+                .bind(message.content.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
                 if let Some(id) = known {
                     out.push(Appended::Existing(id));
                     continue;

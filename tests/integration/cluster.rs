@@ -8,7 +8,7 @@ use chorus::{
 };
 use serde_json::json;
 
-use crate::support::{REDIS, TestDb, run_js, spawn_cluster, stop_all, unique};
+use crate::support::{Node, REDIS, TestDb, run_js, settings, spawn_cluster, stop_all, unique};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -220,4 +220,54 @@ async fn a_burst_crosses_the_bus_without_drops() {
         total as f64
     );
     stop_all(nodes).await;
+}
+
+/// The tutorial's client builds client offsets from `socket.id`, which is undefined while it is
+/// disconnected: messages different clients queue offline share offsets such as `undefined-0`.
+async fn shared_offsets_with_other_content_are_other_messages(url: &str) {
+    let mut watcher = Client::connect(url, None).await.expect("connect");
+    let a = Client::connect(url, None).await.expect("connect");
+    let b = Client::connect(url, None).await.expect("connect");
+    for (client, content) in [(&a, "from a"), (&b, "from b"), (&a, "from a")] {
+        let ack = client
+            .emit_with_ack(
+                "chat message",
+                vec![json!(content), json!("undefined-0")],
+                T,
+            )
+            .await
+            .expect("acked");
+        assert!(
+            ack.first().is_none_or(|a| a.get("error").is_none()),
+            "{ack:?}"
+        );
+    }
+    for (content, offset) in [("from a", 1), ("from b", 2)] {
+        let got = watcher.next_chat_message(T).await.expect("broadcast");
+        assert_eq!(got, (content.to_owned(), offset), "on {url}");
+    }
+    assert!(
+        watcher
+            .next_chat_message(Duration::from_millis(500))
+            .await
+            .is_err(),
+        "the retry of \"from a\" was stored again on {url}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g1_a_client_offset_names_a_message_together_with_its_content() {
+    let db = TestDb::new().await;
+    let pg = Node::start(settings(&db.url, None)).await;
+    let dir = std::env::temp_dir().join(unique("chorus_sqlite"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let lite = Node::start(settings(
+        &format!("sqlite://{}", dir.join("chat.db").display()),
+        None,
+    ))
+    .await;
+    shared_offsets_with_other_content_are_other_messages(&pg.url).await;
+    shared_offsets_with_other_content_are_other_messages(&lite.url).await;
+    assert_eq!(db.count().await, 2);
+    stop_all(vec![pg, lite]).await;
 }
