@@ -163,13 +163,18 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
             (routes.fallback_service(svc), closer(io))
         }
         Some(connector) => {
-            let subscriber = connector.subscriber(&tasks, cancel.clone()).await?;
+            // The adapter's driver connects the client itself; connecting it here first would
+            // make that a reconnect, whose re-subscription races the adapter's own SSUBSCRIBEs.
+            let (subscriber, connections) = connector.unconnected_subscriber()?;
             let config = RedisAdapterConfig::new()
                 .with_prefix(format!("{}:socket.io", settings.redis.prefix))
                 .with_request_timeout(ms(settings.redis.command_timeout_ms));
-            let adapter = RedisAdapterCtr::new_with_fred_config(subscriber, config)
+            let adapter = RedisAdapterCtr::new_with_fred_config(subscriber.clone(), config)
                 .await
                 .map_err(|e| StartError::Adapter(e.to_string()))?;
+            connections
+                .keep_subscribed(&subscriber, &tasks, cancel.clone())
+                .await;
             let (svc, io) = builder.with_adapter::<FredAdapter<_>>(adapter).build_svc();
             let limit = ms(settings.redis.command_timeout_ms * 2);
             match tokio::time::timeout(limit, chat::register(&io, chat)).await {

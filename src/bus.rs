@@ -78,16 +78,40 @@ impl RedisConnector {
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<SubscriberClient, BusError> {
+        let (client, connections) = self.unconnected_subscriber()?;
+        client.init().await?;
+        connections.keep_subscribed(&client, tasks, cancel).await;
+        Ok(client)
+    }
+
+    /// A subscriber client not connected yet, for a user that connects it itself (the Socket.IO
+    /// adapter's driver calls `init`, and a second `init` would replace the connection). Once it
+    /// is connected, hand it to [`Connections::keep_subscribed`].
+    pub fn unconnected_subscriber(&self) -> Result<(SubscriberClient, Connections), BusError> {
         let client = self.builder.build_subscriber_client()?;
         // fred announces every connection, the first one too: listen before connecting so the
         // first announcement is surely the initial connection, which needs no re-subscribing.
-        let mut connections = client.reconnect_rx();
-        client.init().await?;
-        if connections.recv().await.is_err() {
+        let connections = Connections(client.reconnect_rx());
+        Ok((client, connections))
+    }
+}
+
+/// The connection announcements of one subscriber client, taken before it first connected.
+pub struct Connections(tokio::sync::broadcast::Receiver<fred::types::config::Server>);
+
+impl Connections {
+    /// Call once `client` is connected: skips the announcement of that first connection, then
+    /// re-subscribes the client's channels after every later one, until `cancel`.
+    pub async fn keep_subscribed(
+        mut self,
+        client: &SubscriberClient,
+        tasks: &TaskTracker,
+        cancel: CancellationToken,
+    ) {
+        if self.0.recv().await.is_err() {
             tracing::warn!("no connection announcement from the redis client");
         }
-        tasks.spawn(keep_subscribed(client.clone(), connections, cancel));
-        Ok(client)
+        tasks.spawn(keep_subscribed(client.clone(), self.0, cancel));
     }
 }
 
