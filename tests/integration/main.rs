@@ -1,7 +1,9 @@
 //! Integration tests: real nodes, real Postgres and Redis, real Socket.IO clients.
 
 mod cluster;
+mod deploy;
 mod faults;
 mod input;
 mod support;
+mod topology;
 mod tutorial;

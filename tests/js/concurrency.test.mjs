@@ -35,6 +35,9 @@ import {
   summarize,
   droppedReport,
   waitUntil,
+  checkRun,
+  assertRun,
+  countsLine,
 } from './support.mjs';
 
 const SENDS = intFromEnv('CHORUS_SENDS', 200);
@@ -142,53 +145,6 @@ class ChurningReceiver {
   }
 }
 
-/** One receiver's log against the reference: counts of what went wrong. */
-function analyze(log, { baselineContent, sentContents, reference }) {
-  const start = log.findIndex((m) => m.content === baselineContent);
-  const window = start < 0 ? [] : log.slice(start);
-  const seenOffsets = new Set();
-  const seenContents = new Map(); // run content -> times
-  let duplicated = 0;
-  let outOfOrder = 0;
-  let gaps = 0;
-  let divergent = 0;
-  let maxOffset = -Infinity;
-  const examples = [];
-  for (const m of window) {
-    const newOffset = !seenOffsets.has(m.offset);
-    if (!newOffset) {
-      duplicated++;
-      if (examples.length < 5) examples.push(`duplicate offset ${m.offset}`);
-    } else {
-      seenOffsets.add(m.offset);
-      if (m.offset < maxOffset) {
-        outOfOrder++;
-        if (examples.length < 5) examples.push(`offset ${m.offset} after ${maxOffset}`);
-      } else if (maxOffset !== -Infinity && m.offset > maxOffset + 1) {
-        gaps++;
-        if (examples.length < 5) examples.push(`jump ${maxOffset} -> ${m.offset}`);
-      }
-    }
-    maxOffset = Math.max(maxOffset, m.offset);
-    if (sentContents.has(m.content)) {
-      const n = (seenContents.get(m.content) ?? 0) + 1;
-      seenContents.set(m.content, n);
-      if (n > 1 && newOffset) {
-        duplicated++; // the same content again, under another offset
-        if (examples.length < 5) examples.push(`${JSON.stringify(m.content)} again at offset ${m.offset}`);
-      }
-    }
-    const ref = reference.get(m.offset);
-    if (ref !== undefined && ref !== m.content) {
-      divergent++;
-      if (examples.length < 5) examples.push(`offset ${m.offset}: ${JSON.stringify(m.content)} vs ${JSON.stringify(ref)}`);
-    }
-  }
-  let lost = 0;
-  for (const c of sentContents) if (!seenContents.has(c)) lost++;
-  return { baseline: start >= 0, seen: window.length, lost, duplicated, outOfOrder, gaps, divergent, examples };
-}
-
 for (const transport of TRANSPORTS) {
   describe(`concurrency over ${URLS.length} node(s) (${transport})`, () => {
     test(`${SENDERS} senders x ${SENDS} messages, ${RECEIVERS} receivers reconnecting every ${CHURN_MIN}-${CHURN_MAX} ms`, { timeout: TEST_TIMEOUT }, async () => {
@@ -261,34 +217,12 @@ for (const transport of TRANSPORTS) {
           detail: () => receivers.map((r) => `${r.name}: ${runCount(r)}/${sentContents.size} connected=${r.client?.socket.connected}`).join(', '),
         });
 
-        // Reference order: offset -> content as first seen by anyone (senders included).
-        const reference = new Map();
-        let conflicts = 0;
         const allLogs = [
           ...receivers.map((r) => ({ name: r.name, log: r.log, r })),
           ...senders.map((s) => ({ name: s.name, log: s.received, r: null })),
         ];
-        for (const { log } of allLogs) {
-          for (const m of log) {
-            const had = reference.get(m.offset);
-            if (had === undefined) reference.set(m.offset, m.content);
-            else if (had !== m.content) conflicts++;
-          }
-        }
-        // The run's offsets: gapless, each content stored once.
-        const runOffsets = new Map(); // content -> offset
-        const storedTwice = [];
-        for (const [offset, content] of reference) {
-          if (sentContents.has(content) || content === baselineContent) {
-            if (runOffsets.has(content)) storedTwice.push(`${content} at ${runOffsets.get(content)} and ${offset}`);
-            else runOffsets.set(content, offset);
-          }
-        }
-        const first = runOffsets.get(baselineContent);
-        const last = runOffsets.get(finalContent);
-        const neverStored = [...sentContents].filter((c) => !runOffsets.has(c));
-        const undelivered = [];
-        for (let o = first; o <= last; o++) if (!reference.has(o)) undelivered.push(o);
+        const run = checkRun(allLogs, { baselineContent, finalContent, sentContents });
+        const { conflicts, runOffsets, storedTwice, neverStored, undelivered, first, last, results } = run;
         // Each sender's queue waits for an ack before the next send: its order must hold.
         let senderOrder = 0;
         for (let s = 0; s < SENDERS; s++) {
@@ -297,19 +231,12 @@ for (const transport of TRANSPORTS) {
           }
         }
 
-        const results = [];
-        for (const { name, log, r } of allLogs) {
-          // Senders joined before the baseline and never moved; they count too.
-          const a = analyze(log, { baselineContent, sentContents, reference });
-          results.push({ name, ...a });
+        for (const [i, { name, r }] of allLogs.entries()) {
+          const a = results[i];
           const moves = r
             ? ` reconnects=${r.reconnects} nodes=${JSON.stringify(Object.fromEntries([...r.nodes].sort()))} dropped=${r.dropped.length}`
             : '';
-          report(
-            `concurrency ${transport} ${name}: seen=${a.seen}${moves} lost=${a.lost} duplicated=${a.duplicated} ` +
-              `out_of_order=${a.outOfOrder} gaps=${a.gaps} divergent=${a.divergent}` +
-              (a.examples.length ? ` e.g. ${a.examples.join('; ')}` : ''),
-          );
+          report(`concurrency ${transport} ${name}: seen=${a.seen}${moves} ${countsLine(a)}`);
         }
         const sum = (k) => results.reduce((n, x) => n + x[k], 0);
         const totalReconnects = receivers.reduce((n, r) => n + r.reconnects, 0);
@@ -327,21 +254,9 @@ for (const transport of TRANSPORTS) {
         if (connectErrors.length) report(`connect errors: ${summarize(connectErrors, 3)}`);
         if (dropped.length) report(`connections dropped by the server or transport: ${summarize(dropped, 5)}`);
 
-        assert.deepEqual(storedTwice, [], 'a message was stored (broadcast) under two offsets');
-        assert.deepEqual(neverStored, [], 'acked messages that no client ever received');
-        assert.deepEqual(undelivered, [], `offsets between baseline ${first} and final ${last} that no client received`);
+        assertRun(run);
         assert.deepEqual(connectErrors, [], 'a reconnect with auth.serverOffset = last seen offset was refused');
-        assert.equal(conflicts, 0, 'two clients saw different contents under the same offset');
         assert.equal(senderOrder, 0, "a sender's messages were stored out of its send order");
-        for (const x of results) {
-          assert.ok(x.baseline, `${x.name} never got the baseline message`);
-          const bad = { lost: x.lost, duplicated: x.duplicated, out_of_order: x.outOfOrder, gaps: x.gaps, divergent: x.divergent };
-          assert.deepEqual(
-            bad,
-            { lost: 0, duplicated: 0, out_of_order: 0, gaps: 0, divergent: 0 },
-            `${x.name}: ${Object.entries(bad).map(([k, v]) => `${k}=${v}`).join(' ')}; e.g. ${summarize(x.examples)}`,
-          );
-        }
       } finally {
         // Let any move in progress finish (it may be opening a socket), then close everything.
         for (const r of receivers) r.stopped = true;

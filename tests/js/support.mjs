@@ -5,6 +5,7 @@
 // options a test needs (transports, forceNew, reconnection). Receiving follows the
 // tutorial's handler: remember the message, then `socket.auth.serverOffset = serverOffset`.
 
+import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { io } from 'socket.io-client';
@@ -432,4 +433,119 @@ export function sequenceProblems(received, { limit = 10 } = {}) {
 
 export function summarize(list, n = 8) {
   return describeValue(list.length > n ? [...list.slice(0, n), `... ${list.length - n} more`] : list);
+}
+
+/** One receiver's log against the reference: counts of what went wrong. */
+export function analyze(log, { baselineContent, sentContents, reference }) {
+  const start = log.findIndex((m) => m.content === baselineContent);
+  const window = start < 0 ? [] : log.slice(start);
+  const seenOffsets = new Set();
+  const seenContents = new Map(); // run content -> times
+  let duplicated = 0;
+  let outOfOrder = 0;
+  let gaps = 0;
+  let divergent = 0;
+  let maxOffset = -Infinity;
+  const examples = [];
+  for (const m of window) {
+    const newOffset = !seenOffsets.has(m.offset);
+    if (!newOffset) {
+      duplicated++;
+      if (examples.length < 5) examples.push(`duplicate offset ${m.offset}`);
+    } else {
+      seenOffsets.add(m.offset);
+      if (m.offset < maxOffset) {
+        outOfOrder++;
+        if (examples.length < 5) examples.push(`offset ${m.offset} after ${maxOffset}`);
+      } else if (maxOffset !== -Infinity && m.offset > maxOffset + 1) {
+        gaps++;
+        if (examples.length < 5) examples.push(`jump ${maxOffset} -> ${m.offset}`);
+      }
+    }
+    maxOffset = Math.max(maxOffset, m.offset);
+    if (sentContents.has(m.content)) {
+      const n = (seenContents.get(m.content) ?? 0) + 1;
+      seenContents.set(m.content, n);
+      if (n > 1 && newOffset) {
+        duplicated++; // the same content again, under another offset
+        if (examples.length < 5) examples.push(`${JSON.stringify(m.content)} again at offset ${m.offset}`);
+      }
+    }
+    const ref = reference.get(m.offset);
+    if (ref !== undefined && ref !== m.content) {
+      divergent++;
+      if (examples.length < 5) examples.push(`offset ${m.offset}: ${JSON.stringify(m.content)} vs ${JSON.stringify(ref)}`);
+    }
+  }
+  let lost = 0;
+  for (const c of sentContents) if (!seenContents.has(c)) lost++;
+  return { baseline: start >= 0, seen: window.length, lost, duplicated, outOfOrder, gaps, divergent, examples };
+}
+
+/** "lost=.. duplicated=.. out_of_order=.. gaps=.. divergent=.." for one analyzed log. */
+export function countsLine(a) {
+  return (
+    `lost=${a.lost} duplicated=${a.duplicated} out_of_order=${a.outOfOrder} gaps=${a.gaps} divergent=${a.divergent}` +
+    (a.examples.length ? ` e.g. ${a.examples.join('; ')}` : '')
+  );
+}
+
+/**
+ * Checks a whole run: `logs` is [{ name, log }] of every client that watched from the baseline
+ * message to the final one. The reference order is offset -> content as first seen by anyone.
+ * Returns the reference, each content's offset, what was stored twice or never seen, offsets
+ * between baseline and final that nobody saw, and each log's analysis (same order as `logs`).
+ */
+export function checkRun(logs, { baselineContent, finalContent, sentContents }) {
+  const reference = new Map();
+  let conflicts = 0;
+  for (const { log } of logs) {
+    for (const m of log) {
+      const had = reference.get(m.offset);
+      if (had === undefined) reference.set(m.offset, m.content);
+      else if (had !== m.content) conflicts++;
+    }
+  }
+  // The run's offsets: gapless, each content stored once.
+  const runOffsets = new Map(); // content -> offset
+  const storedTwice = [];
+  for (const [offset, content] of reference) {
+    if (sentContents.has(content) || content === baselineContent) {
+      if (runOffsets.has(content)) storedTwice.push(`${content} at ${runOffsets.get(content)} and ${offset}`);
+      else runOffsets.set(content, offset);
+    }
+  }
+  const first = runOffsets.get(baselineContent);
+  const last = runOffsets.get(finalContent);
+  const neverStored = [...sentContents].filter((c) => !runOffsets.has(c));
+  const undelivered = [];
+  for (let o = first; o <= last; o++) if (!reference.has(o)) undelivered.push(o);
+  const results = logs.map(({ name, log }) => ({ name, ...analyze(log, { baselineContent, sentContents, reference }) }));
+  const sum = (k) => results.reduce((n, x) => n + x[k], 0);
+  const totals = {
+    lost: sum('lost'),
+    duplicated: sum('duplicated'),
+    outOfOrder: sum('outOfOrder'),
+    gaps: sum('gaps'),
+    divergent: sum('divergent'),
+  };
+  return { reference, conflicts, runOffsets, storedTwice, neverStored, undelivered, first, last, results, totals };
+}
+
+/** Asserts what checkRun found: nothing stored twice, lost, out of order, or seen differently. */
+export function assertRun(run) {
+  const { storedTwice, neverStored, undelivered, first, last, conflicts, results } = run;
+  assert.deepEqual(storedTwice, [], 'a message was stored (broadcast) under two offsets');
+  assert.deepEqual(neverStored, [], 'acked messages that no client ever received');
+  assert.deepEqual(undelivered, [], `offsets between baseline ${first} and final ${last} that no client received`);
+  assert.equal(conflicts, 0, 'two clients saw different contents under the same offset');
+  for (const x of results) {
+    assert.ok(x.baseline, `${x.name} never got the baseline message`);
+    const bad = { lost: x.lost, duplicated: x.duplicated, out_of_order: x.outOfOrder, gaps: x.gaps, divergent: x.divergent };
+    assert.deepEqual(
+      bad,
+      { lost: 0, duplicated: 0, out_of_order: 0, gaps: 0, divergent: 0 },
+      `${x.name}: ${Object.entries(bad).map(([k, v]) => `${k}=${v}`).join(' ')}; e.g. ${summarize(x.examples)}`,
+    );
+  }
 }

@@ -1,0 +1,412 @@
+//! The deployment topology as processes: chorus nodes as child processes (so they can be drained
+//! with SIGTERM or killed with SIGKILL), nginx or HAProxy in front with the files in `deploy/`,
+//! and a steady Node.js load through the balancer that the test stops when it is done.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    process::{Child, ChildStdin, Command},
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+use crate::support::{TestDb, unique, wait_for};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A port that was free a moment ago (the node or balancer binds it right after).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// `(status, body)` of a GET, or `None` when nothing answers.
+pub async fn try_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body))
+}
+
+/// Sends `signal` (a `kill` signal name) to `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// A chorus node running as a child process of the test.
+pub struct ProcNode {
+    pub id: String,
+    pub port: u16,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl ProcNode {
+    /// Starts the test build's `chorus` binary on `port` (not waiting for it to be ready).
+    pub fn start(id: &str, port: u16, db: &TestDb, redis_url: &str, prefix: &str) -> ProcNode {
+        let env = [
+            ("HOST", "127.0.0.1".to_owned()),
+            ("PORT", port.to_string()),
+            ("NODE_ID", id.to_owned()),
+            ("DATABASE_URL", db.url.clone()),
+            ("REDIS_URL", redis_url.to_owned()),
+            ("CHAT__REDIS__PREFIX", prefix.to_owned()),
+            ("CHAT__STORE__TIMEOUT_MS", "2000".to_owned()),
+            ("CHAT__SHUTDOWN__DRAIN_TIMEOUT_MS", "3000".to_owned()),
+            ("CHAT__LOG__LEVEL", "warn,chorus=info".to_owned()),
+        ];
+        let mut node = ProcNode {
+            id: id.to_owned(),
+            port,
+            env: env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            child: None,
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.id);
+        // Output goes to the test's own, which the test runner shows when the test fails.
+        let child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the chorus binary");
+        self.child = Some(child);
+    }
+
+    /// Waits until `/readyz` answers 200; fails if the process exits first.
+    pub async fn ready(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((200, _)) = try_get(self.port, "/readyz").await {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("{} exited with {status} before it was ready", self.id);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} not ready within 30 s",
+                self.id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .unwrap_or_else(|| panic!("{} is not running", self.id))
+    }
+
+    /// SIGTERM: the node drains and exits; returns its exit status.
+    pub async fn drain(&mut self) -> ExitStatus {
+        signal(self.pid(), "TERM");
+        let mut child = self.child.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within 20 s of SIGTERM", self.id))
+            .expect("wait for the node")
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().await.expect("kill the node");
+    }
+
+    /// Starts the node again, with the same settings and port, and waits until it is ready.
+    pub async fn restart(&mut self) {
+        self.spawn();
+        self.ready().await;
+    }
+
+    /// The node's `chorus_connections` gauge.
+    pub async fn connections(&self) -> i64 {
+        let (_, body) = try_get(self.port, "/metrics")
+            .await
+            .unwrap_or_else(|| panic!("{} does not serve /metrics", self.id));
+        body.lines()
+            .find(|l| l.starts_with("chorus_connections{"))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("no chorus_connections in /metrics of {}", self.id))
+    }
+}
+
+/// Starts three nodes on one database and Redis prefix and waits until all are ready.
+pub async fn start_nodes(db: &TestDb, redis_url: &str) -> Vec<ProcNode> {
+    let prefix = unique("chorus_lb");
+    let mut nodes: Vec<ProcNode> = (1..=3)
+        .map(|i| ProcNode::start(&format!("node{i}"), free_port(), db, redis_url, &prefix))
+        .collect();
+    for node in &mut nodes {
+        node.ready().await;
+    }
+    nodes
+}
+
+/// Which load balancer.
+#[derive(Debug, Clone, Copy)]
+pub enum Lb {
+    /// nginx with `deploy/nginx/chorus.conf` and `chorus-nodes.conf`.
+    Nginx,
+    /// HAProxy with `deploy/haproxy/haproxy.cfg`.
+    Haproxy,
+}
+
+/// A load balancer process in front of the nodes.
+pub struct Balancer {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Balancer {
+    /// Starts `kind` with the shipped configuration, pointed at `node_ports`.
+    pub async fn start(kind: Lb, node_ports: &[u16]) -> Balancer {
+        assert_eq!(node_ports.len(), 3, "the shipped configs name three nodes");
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("chorus_lb"));
+        std::fs::create_dir_all(&dir).expect("balancer dir");
+        let deploy = Path::new(ROOT).join("deploy");
+        let mut cmd = match kind {
+            Lb::Nginx => {
+                // The shipped files with only the listening address and node addresses put in.
+                let site = std::fs::read_to_string(deploy.join("nginx/chorus.conf"))
+                    .expect("deploy/nginx/chorus.conf");
+                assert!(
+                    site.contains("\n    listen 80;\n"),
+                    "chorus.conf listens on 80"
+                );
+                let site = site.replace(
+                    "\n    listen 80;\n",
+                    &format!("\n    listen 127.0.0.1:{port};\n"),
+                );
+                let mut nodes = std::fs::read_to_string(deploy.join("nginx/chorus-nodes.conf"))
+                    .expect("deploy/nginx/chorus-nodes.conf");
+                for (i, p) in node_ports.iter().enumerate() {
+                    let name = format!("chorus{}:3000", i + 1);
+                    assert!(nodes.contains(&name), "chorus-nodes.conf names {name}");
+                    nodes = nodes.replace(&name, &format!("127.0.0.1:{p}"));
+                }
+                let main = format!(
+                    "worker_processes 1;\npid {dir}/nginx.pid;\n\
+                     events {{ worker_connections 4096; }}\n\
+                     http {{\n    access_log off;\n    include chorus.conf;\n}}\n",
+                    dir = dir.display()
+                );
+                std::fs::write(dir.join("chorus.conf"), site).expect("write chorus.conf");
+                std::fs::write(dir.join("chorus-nodes.conf"), nodes).expect("write nodes");
+                std::fs::write(dir.join("nginx.conf"), main).expect("write nginx.conf");
+                let mut cmd = Command::new("nginx");
+                cmd.arg("-p")
+                    .arg(format!("{}/", dir.display()))
+                    .arg("-c")
+                    .arg(dir.join("nginx.conf"))
+                    .args(["-e", "stderr", "-g", "daemon off;"]);
+                cmd
+            }
+            Lb::Haproxy => {
+                let mut cmd = Command::new("haproxy");
+                cmd.arg("-db")
+                    .arg("-f")
+                    .arg(deploy.join("haproxy/haproxy.cfg"))
+                    .env("CHORUS_LISTEN", format!("127.0.0.1:{port}"));
+                for (i, p) in node_ports.iter().enumerate() {
+                    cmd.env(format!("CHORUS_NODE{}", i + 1), format!("127.0.0.1:{p}"));
+                }
+                cmd
+            }
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{kind:?} could not start ({e}); scripts/test installs it"));
+        let balancer = Balancer { port, child, dir };
+        wait_for(
+            Duration::from_secs(20),
+            "the balancer to serve /readyz",
+            || async { matches!(try_get(port, "/readyz").await, Some((200, _))) },
+        )
+        .await;
+        balancer
+    }
+
+    /// The balancer's base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        // TERM, not KILL: the nginx master then stops its workers, and exits once they are gone,
+        // so nothing outlives the test holding its output open.
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+            for _ in 0..250 {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `tests/js/steady.mjs` running against one URL; see that file for the protocol.
+pub struct SteadyLoad {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::UnboundedReceiver<String>,
+    output: Arc<Mutex<Vec<String>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    /// Starts the load with clients spread over `sources` (local addresses).
+    pub fn start(url: &str, sources: &[String]) -> SteadyLoad {
+        let dir = Path::new(ROOT).join("tests/js");
+        assert!(
+            dir.join("node_modules/socket.io-client").exists(),
+            "tests/js/node_modules is missing: run `npm ci` in tests/js (scripts/test does)"
+        );
+        let mut child = Command::new("node")
+            .arg(dir.join("steady.mjs"))
+            .env("CHORUS_URLS", url)
+            .env("CHORUS_SOURCES", sources.join(","))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node is installed");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::unbounded_channel();
+        let mut readers = Vec::new();
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for (stream, tx) in [
+            (
+                Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                Some(tx),
+            ),
+            (Box::new(stderr), None),
+        ] {
+            let output = output.clone();
+            readers.push(tokio::spawn(async move {
+                let mut reader = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    output.lock().expect("output lock").push(line.clone());
+                    if let Some(tx) = &tx {
+                        let _ = tx.send(line);
+                    }
+                }
+            }));
+        }
+        SteadyLoad {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            output,
+            readers,
+        }
+    }
+
+    fn dump(&self) -> String {
+        self.output.lock().expect("output lock").join("\n")
+    }
+
+    /// Waits for the `READY` line: every client connected, upgraded and synchronized.
+    pub async fn ready(&mut self) {
+        let wait = async {
+            while let Some(line) = self.lines.recv().await {
+                if line.starts_with("READY ") {
+                    return true;
+                }
+            }
+            false
+        };
+        let ok = tokio::time::timeout(Duration::from_secs(60), wait).await;
+        assert!(
+            matches!(ok, Ok(true)),
+            "steady.mjs did not get ready:\n{}",
+            self.dump()
+        );
+    }
+
+    /// Stops the senders, waits for the scenario's own checks, and returns its `RESULT`.
+    pub async fn finish(mut self) -> Value {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"stop\n").await;
+        }
+        let status = tokio::time::timeout(Duration::from_secs(180), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("steady.mjs did not finish:\n{}", self.dump()))
+            .expect("wait for node");
+        // The readers end at the end of the output.
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
+        }
+        let out = self.dump();
+        println!("--- steady.mjs ---\n{out}");
+        assert!(status.success(), "steady.mjs failed:\n{out}");
+        let result = out
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .expect("a RESULT line");
+        serde_json::from_str(result).expect("RESULT is JSON")
+    }
+}
+
+/// Waits until the database holds at least `rows` messages.
+pub async fn wait_stored(db: &TestDb, rows: i64) {
+    let mut conn = db.connect().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar("select count(*) from messages")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count messages");
+        if n >= rows {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {n} of {rows} messages stored after 60 s: the load stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
