@@ -20,6 +20,7 @@ use crate::{
     config::Settings,
     feed::{Feed, FeedOptions},
     http::{self, HttpState},
+    log::{MemoryLog, RecoveryLog, Retention, StreamLog},
     metrics::Metrics,
     store::{self, Store, StoreError},
     writer::Writer,
@@ -85,9 +86,38 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
 
     let store = store::connect(&settings).await?;
     let head = store.head().await?;
+    let retention = Retention {
+        max_len: settings.stream.max_len.max(1),
+        max_age: Duration::from_secs(settings.stream.max_age_secs.max(1)),
+    };
+    let redis = match &settings.redis_url {
+        Some(url) => Some(RedisConnector::new(
+            url,
+            ms(settings.redis.command_timeout_ms),
+        )?),
+        None => None,
+    };
+    // One command client per node: the recovery log, publishing, and readiness share it.
+    let cluster = match &redis {
+        Some(connector) => Some((connector, connector.client().await?)),
+        None => None,
+    };
+    let log: Arc<dyn RecoveryLog> = match &cluster {
+        Some((_, client)) => Arc::new(StreamLog::start(
+            client.clone(),
+            &settings.redis.prefix,
+            &store.epoch().await?,
+            retention,
+            metrics.clone(),
+            &tasks,
+            cancel.clone(),
+        )),
+        None => Arc::new(MemoryLog::new(retention)),
+    };
     let feed = Feed::start(
         head,
         store.clone(),
+        log,
         FeedOptions {
             gap_timeout: ms(settings.feed.gap_timeout_ms),
             poll_interval: ms(settings.feed.poll_interval_ms),
@@ -99,18 +129,11 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         tasks.clone(),
         cancel.clone(),
     );
-
-    let redis = match &settings.redis_url {
-        Some(url) => Some(RedisConnector::new(
-            url,
-            ms(settings.redis.command_timeout_ms),
-        )?),
-        None => None,
-    };
-    let (bus, redis_client) = match &redis {
-        Some(connector) => {
-            let (bus, client) = Bus::start(
+    let bus = match &cluster {
+        Some((connector, client)) => Some(
+            Bus::start(
                 connector,
+                client.clone(),
                 &settings.redis.prefix,
                 node_id.clone(),
                 feed.clone(),
@@ -118,11 +141,11 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
                 &tasks,
                 cancel.clone(),
             )
-            .await?;
-            (Some(bus), Some(client))
-        }
-        None => (None, None),
+            .await?,
+        ),
+        None => None,
     };
+    let redis_client = cluster.map(|(_, client)| client);
 
     let writer = Writer::start(
         store.clone(),

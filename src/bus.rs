@@ -178,18 +178,19 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Starts publishing to and receiving from the cluster channel `{prefix}:messages`.
+    /// Starts publishing (through `publisher`, a command client) to and receiving from the
+    /// cluster channel `{prefix}:messages`.
     pub async fn start(
         connector: &RedisConnector,
+        publisher: Client,
         prefix: &str,
         node: Arc<str>,
         feed: Feed,
         metrics: Arc<Metrics>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
-    ) -> Result<(Self, Client), BusError> {
+    ) -> Result<Self, BusError> {
         let channel: Arc<str> = format!("{prefix}:messages").into();
-        let publisher = connector.client().await?;
         let subscriber = connector.subscriber(tasks, cancel.clone()).await?;
         let messages = subscriber.message_rx();
         subscriber.subscribe(&*channel).await?;
@@ -202,14 +203,8 @@ impl Bus {
             cancel.clone(),
         ));
         let (tx, rx) = mpsc::channel(4096);
-        tasks.spawn(publish(
-            rx,
-            publisher.clone(),
-            channel,
-            node,
-            metrics.clone(),
-        ));
-        Ok((Self { tx, metrics }, publisher))
+        tasks.spawn(publish(rx, publisher, channel, node, metrics.clone()));
+        Ok(Self { tx, metrics })
     }
 
     /// Queues a committed batch for the other nodes. Never waits: when Redis is slow and the

@@ -25,6 +25,8 @@ pub struct Settings {
     pub feed: FeedSettings,
     /// Redis tuning.
     pub redis: RedisSettings,
+    /// Retention of the recovery log.
+    pub stream: StreamSettings,
     /// Logging.
     pub log: LogSettings,
     /// Graceful shutdown.
@@ -81,6 +83,16 @@ pub struct RedisSettings {
     pub prefix: String,
     /// Every Redis command fails after this long instead of hanging while Redis is down.
     pub command_timeout_ms: u64,
+}
+
+/// Retention of the recovery log (the Redis stream, or the in-process log of a single node):
+/// trimmed to `max_len` messages and to `max_age_secs`, whichever keeps fewer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StreamSettings {
+    /// Most messages kept.
+    pub max_len: usize,
+    /// Oldest message kept, in seconds.
+    pub max_age_secs: u64,
 }
 
 /// Logging.
@@ -192,6 +204,10 @@ ring_capacity = 8192
 [redis]
 prefix = "chorus"
 command_timeout_ms = 2000
+
+[stream]
+max_len = 1000000
+max_age_secs = 900
 
 [log]
 format = "plain"

@@ -20,8 +20,9 @@ use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    log::RecoveryLog,
     metrics::{ErrorKind, Metrics, ReplaySource},
-    store::{Message, Store},
+    store::{Message, Store, StoreError},
 };
 
 /// Identifies a subscriber (a socket id, as text).
@@ -68,6 +69,8 @@ pub struct Feed {
 struct Inner {
     state: Mutex<State>,
     store: Arc<dyn Store>,
+    /// Where released messages are logged, and catch-ups read before the store.
+    log: Arc<dyn RecoveryLog>,
     options: FeedOptions,
     metrics: Arc<Metrics>,
     /// Wakes the filler when a hole opens.
@@ -99,6 +102,7 @@ impl Feed {
     pub fn start(
         head: i64,
         store: Arc<dyn Store>,
+        log: Arc<dyn RecoveryLog>,
         options: FeedOptions,
         metrics: Arc<Metrics>,
         tasks: TaskTracker,
@@ -113,6 +117,7 @@ impl Feed {
                     subscribers: HashMap::new(),
                 }),
                 store,
+                log,
                 options,
                 metrics,
                 hole: Notify::new(),
@@ -155,6 +160,7 @@ impl Feed {
                 .metrics
                 .feed_messages
                 .fetch_add(released.len() as u64, Relaxed);
+            self.inner.log.append(&released);
             self.release(&mut state, &released);
         }
         let hole = !state.pending.is_empty();
@@ -230,8 +236,7 @@ impl Feed {
                 }
                 self.inner
                     .metrics
-                    .replayed_messages
-                    .fetch_add((sub.cursor - after) as u64, Relaxed);
+                    .replay_page(ReplaySource::Memory, (sub.cursor - after) as u64);
             } else {
                 sub.live = false;
             }
@@ -298,19 +303,10 @@ impl Feed {
                 });
                 (sink, cursor, from_ring)
             };
-            let source = if from_ring.is_some() {
-                ReplaySource::Memory
-            } else {
-                ReplaySource::Database
-            };
-            if counted.is_none() {
-                counted = Some(source);
-                self.inner.metrics.replay(source);
-            }
-            let page = match from_ring {
-                Some(page) => page,
-                None => match self.inner.store.read_after(cursor, page_size).await {
-                    Ok(rows) => rows.into_iter().map(Arc::new).collect(),
+            let (page, source) = match from_ring {
+                Some(page) => (page, ReplaySource::Memory),
+                None => match self.page_after(&id, cursor).await {
+                    Ok(found) => found,
                     Err(error) => {
                         self.inner.metrics.error(ErrorKind::Store);
                         tracing::warn!(error = %error, subscriber = %id, "catch-up read failed; retrying");
@@ -319,6 +315,10 @@ impl Feed {
                     }
                 },
             };
+            if counted.is_none() {
+                counted = Some(source);
+                self.inner.metrics.replay(source);
+            }
             let mut last = cursor;
             for message in &page {
                 match self.send_when_room(&*sink, message).await {
@@ -338,8 +338,7 @@ impl Feed {
             }
             self.inner
                 .metrics
-                .replayed_messages
-                .fetch_add((last - cursor) as u64, Relaxed);
+                .replay_page(source, (last - cursor) as u64);
             self.inner
                 .metrics
                 .deliveries
@@ -353,6 +352,29 @@ impl Feed {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+
+    /// The next page after `cursor` from the recovery log, or from the store when the log does
+    /// not hold `cursor + 1` (or cannot be read).
+    async fn page_after(
+        &self,
+        id: &str,
+        cursor: i64,
+    ) -> Result<(Vec<Arc<Message>>, ReplaySource), StoreError> {
+        let page_size = self.inner.options.page_size;
+        match self.inner.log.read_after(cursor, page_size).await {
+            Ok(page) if !page.is_empty() => return Ok((page, ReplaySource::Stream)),
+            Ok(_) => {}
+            Err(error) => {
+                self.inner.metrics.error(ErrorKind::Bus);
+                tracing::debug!(error = %error, subscriber = %id, "recovery log unreadable; reading the store");
+            }
+        }
+        let rows = self.inner.store.read_after(cursor, page_size).await?;
+        Ok((
+            rows.into_iter().map(Arc::new).collect(),
+            ReplaySource::Database,
+        ))
     }
 
     /// Sends one message, waiting (with backoff) while the socket's buffer is full; gives up

@@ -8,6 +8,8 @@
 //! - [`feed`]: the node's ordered feed: releases messages to local sockets in offset order,
 //!   replays reconnecting sockets and switches them to live without gaps or duplicates.
 //! - [`bus`]: carries committed messages between nodes over Redis pub/sub (a fast path).
+//! - [`log`]: the recovery log of recent messages (a Redis stream, or in process) that serves
+//!   reconnects without a database query.
 //! - [`store`]: message storage behind one trait: Postgres and SQLite.
 //! - [`http`]: the page, the client bundle, health, readiness, metrics.
 //! - [`logging`]: plain or JSON log lines, each with the node id.
@@ -23,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod feed;
 pub mod http;
+pub mod log;
 pub mod logging;
 pub mod metrics;
 pub mod store;

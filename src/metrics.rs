@@ -7,9 +7,17 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 pub enum ReplaySource {
     /// The node's in-memory ring of recent messages (no query).
     Memory,
+    /// The recovery log: the Redis stream, or the in-process log of a single node.
+    Stream,
     /// Pages read from the store.
     Database,
 }
+
+const REPLAY_SOURCES: [(ReplaySource, &str); 3] = [
+    (ReplaySource::Memory, "memory"),
+    (ReplaySource::Stream, "stream"),
+    (ReplaySource::Database, "database"),
+];
 
 /// Kinds of errors counted in `chorus_errors_total`.
 #[derive(Debug, Clone, Copy)]
@@ -55,10 +63,12 @@ pub struct Metrics {
     pub bus_received: AtomicU64,
     /// Messages the feed fetched from the store because the bus did not bring them in time.
     pub gap_fills: AtomicU64,
-    /// Replays (reconnect catch-ups) by source.
-    replays: [AtomicU64; 2],
-    /// Messages sent in replays.
-    pub replayed_messages: AtomicU64,
+    /// Replays (reconnect catch-ups) by the source of their first page.
+    replays: [AtomicU64; 3],
+    /// Messages sent in replays, by source.
+    replayed_messages: [AtomicU64; 3],
+    /// Pages read for replays, by source (a database page is one query).
+    replay_reads: [AtomicU64; 3],
     errors: [AtomicU64; 5],
 }
 
@@ -71,6 +81,12 @@ impl Metrics {
     /// How many replays `source` served.
     pub fn replays(&self, source: ReplaySource) -> u64 {
         self.replays[source as usize].load(Relaxed)
+    }
+
+    /// Counts one page of `messages` replayed from `source`.
+    pub fn replay_page(&self, source: ReplaySource, messages: u64) {
+        self.replay_reads[source as usize].fetch_add(1, Relaxed);
+        self.replayed_messages[source as usize].fetch_add(messages, Relaxed);
     }
 
     /// Counts one error of `kind`.
@@ -137,23 +153,34 @@ impl Metrics {
                 "Messages fetched from the store to fill a gap in the feed.",
                 &self.gap_fills,
             ),
-            (
-                "chorus_replayed_messages_total",
-                "Messages sent by replays.",
-                &self.replayed_messages,
-            ),
         ] {
             line(name, "counter", help, &[("", c(value))]);
         }
-        line(
-            "chorus_replays_total",
-            "counter",
-            "Reconnect replays by source.",
-            &[
-                ("source=\"memory\"", c(&self.replays[0])),
-                ("source=\"database\"", c(&self.replays[1])),
-            ],
-        );
+        for (name, help, values) in [
+            (
+                "chorus_replays_total",
+                "Reconnect replays, by the source of their first page.",
+                &self.replays,
+            ),
+            (
+                "chorus_replayed_messages_total",
+                "Messages sent by replays, by source.",
+                &self.replayed_messages,
+            ),
+            (
+                "chorus_replay_reads_total",
+                "Pages read for replays, by source (a database page is one query).",
+                &self.replay_reads,
+            ),
+        ] {
+            let samples: Vec<(String, i128)> = REPLAY_SOURCES
+                .iter()
+                .map(|(s, label)| (format!("source=\"{label}\""), c(&values[*s as usize])))
+                .collect();
+            let samples: Vec<(&str, i128)> =
+                samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            line(name, "counter", help, &samples);
+        }
         let errors: Vec<(String, i128)> = ERROR_KINDS
             .iter()
             .map(|(k, name)| (format!("kind=\"{name}\""), c(&self.errors[*k as usize])))

@@ -63,8 +63,9 @@ pub enum StoreError {
 
 /// Durable, ordered message storage.
 pub trait Store: Send + Sync + 'static {
-    /// Stores a batch in one transaction, skipping client offsets stored before; the result has
-    /// one entry per input, in input order. Client offsets in one batch must be distinct.
+    /// Stores a batch in one transaction, skipping messages (client offset and content) stored
+    /// before; the result has one entry per input, in input order. The messages of one batch
+    /// must be distinct.
     fn append<'a>(
         &'a self,
         batch: &'a [NewMessage],
@@ -77,6 +78,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>>;
     /// The highest committed offset (0 when empty).
     fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>>;
+    /// A random name this database's history got when it was created; caches key on it.
+    fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>>;
     /// Closes the pool once in-flight work is done.
     fn close(&self) -> BoxFuture<'_, ()>;
 }

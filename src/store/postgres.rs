@@ -91,6 +91,13 @@ impl Store for PgStore {
         })
     }
 
+    fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>> {
+        Box::pin(timed(
+            self.timeout,
+            sqlx::query_scalar("select epoch from chorus_meta").fetch_one(&self.pool),
+        ))
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.pool.close())
     }
