@@ -4,6 +4,7 @@ mod cluster;
 mod deploy;
 mod faults;
 mod input;
+mod recovery;
 mod support;
 mod topology;
 mod tutorial;

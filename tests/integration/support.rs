@@ -101,6 +101,15 @@ pub async fn require_redis(url: &str) {
 
 /// Settings for a test node: loopback, port 0, fast polling, small timeouts.
 pub fn settings(database_url: &str, redis: Option<(&str, &str)>) -> Settings {
+    settings_with(database_url, redis, &[])
+}
+
+/// [`settings`] plus `extra` environment variables (`CHAT__SECTION__KEY`, ...).
+pub fn settings_with(
+    database_url: &str,
+    redis: Option<(&str, &str)>,
+    extra: &[(&str, &str)],
+) -> Settings {
     let mut env = vec![
         ("HOST".to_owned(), "127.0.0.1".to_owned()),
         ("PORT".to_owned(), "0".to_owned()),
@@ -115,6 +124,11 @@ pub fn settings(database_url: &str, redis: Option<(&str, &str)>) -> Settings {
         env.push(("REDIS_URL".to_owned(), url.to_owned()));
         env.push(("CHAT__REDIS__PREFIX".to_owned(), prefix.to_owned()));
     }
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
     Settings::load_from(None, env).expect("test settings")
 }
 

@@ -1,0 +1,324 @@
+//! Connection state recovery: reconnects served from the recovery log (Redis stream, or in
+//! process), from the database when the log does not reach back far enough, and after the
+//! stream was lost.
+
+use std::time::Duration;
+
+use chorus::client::Client;
+use fred::{
+    clients::Client as Redis,
+    interfaces::{ClientLike, StreamsInterface},
+    types::config::Config,
+};
+use serde_json::json;
+
+use crate::support::{
+    Node, PrivateRedis, REDIS, TestDb, require_redis, settings_with, stop_all, unique, wait_for,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+/// A small ring, so reconnects further back than 16 messages cannot be served from memory.
+const SMALL_RING: (&str, &str) = ("CHAT__FEED__RING_CAPACITY", "16");
+
+/// Sends `n` messages `m1..=mn` through `url`, 100 in flight at a time, and waits for the acks.
+async fn send(url: &str, n: i64) {
+    let sender = Client::connect(url, None).await.expect("connect");
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(100) {
+        let acks = chunk.iter().map(|i| {
+            sender.emit_with_ack(
+                "chat message",
+                vec![json!(format!("m{i}")), json!(format!("k-{i}"))],
+                T,
+            )
+        });
+        for ack in futures_util::future::join_all(acks).await {
+            let ack = ack.expect("acked");
+            assert!(
+                ack.first().is_none_or(|a| a.get("error").is_none()),
+                "{ack:?}"
+            );
+        }
+    }
+    sender.close().await;
+}
+
+/// Reconnects to `url` having seen `after`, and requires `after+1..=head` in order, each
+/// message once (sends were concurrent, so offsets and `m{i}` names need not match).
+async fn recover(url: &str, after: i64, head: i64) {
+    let mut client = Client::connect(url, Some(json!({ "serverOffset": after })))
+        .await
+        .expect("connect");
+    let mut seen = std::collections::HashSet::new();
+    for expected in after + 1..=head {
+        let (content, offset) = client
+            .next_chat_message(T)
+            .await
+            .unwrap_or_else(|e| panic!("message {expected} of the recovery: {e}"));
+        assert_eq!(offset, expected, "recovered in order, no gap, no duplicate");
+        assert!(
+            content.starts_with('m') && seen.insert(content.clone()),
+            "{content} twice"
+        );
+    }
+    client.close().await;
+}
+
+/// A Redis client of the test's own.
+async fn redis(url: &str) -> Redis {
+    let client = Redis::new(Config::from_url(url).expect("redis url"), None, None, None);
+    client.init().await.expect("connect to redis");
+    client
+}
+
+/// The stream's key for the database at `db`: `{prefix}:log:{epoch}`.
+async fn stream_key(db: &TestDb, prefix: &str) -> String {
+    let epoch: String = sqlx::query_scalar("select epoch from chorus_meta")
+        .fetch_one(&mut db.connect().await)
+        .await
+        .expect("epoch");
+    format!("{prefix}:log:{epoch}")
+}
+
+/// Waits until the stream's newest entry is `offset`.
+async fn stream_reaches(redis: &Redis, key: &str, offset: i64) {
+    let want = format!("{offset}-0");
+    wait_for(T, &format!("the stream to reach {offset}"), || async {
+        let last: Vec<(String, Vec<(String, String)>)> = redis
+            .xrevrange(key, "+", "-", Some(1))
+            .await
+            .unwrap_or_default();
+        last.first().is_some_and(|(id, _)| *id == want)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_within_retention_is_served_from_the_stream_without_a_query() {
+    require_redis(REDIS).await;
+    let db = TestDb::new().await;
+    let prefix = unique("rs");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(
+            Node::start(settings_with(
+                &db.url,
+                Some((REDIS, &prefix)),
+                &[SMALL_RING],
+            ))
+            .await,
+        );
+    }
+    send(&nodes[0].url, 300).await;
+    stream_reaches(&redis(REDIS).await, &stream_key(&db, &prefix).await, 300).await;
+
+    let (queries, from_stream) = (
+        nodes[1]
+            .metric("chorus_replay_reads_total{source=\"database\"}")
+            .await,
+        nodes[1]
+            .metric("chorus_replays_total{source=\"stream\"}")
+            .await,
+    );
+    recover(&nodes[1].url, 10, 300).await;
+    assert_eq!(
+        nodes[1]
+            .metric("chorus_replay_reads_total{source=\"database\"}")
+            .await,
+        queries,
+        "a reconnect within retention made a database query"
+    );
+    assert_eq!(
+        nodes[1]
+            .metric("chorus_replays_total{source=\"stream\"}")
+            .await,
+        from_stream + 1.0
+    );
+    assert!(
+        nodes[1]
+            .metric("chorus_replayed_messages_total{source=\"stream\"}")
+            .await
+            >= 290.0
+    );
+    stop_all(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_behind_retention_is_served_from_the_database() {
+    require_redis(REDIS).await;
+    let db = TestDb::new().await;
+    let prefix = unique("rd");
+    let node = Node::start(settings_with(
+        &db.url,
+        Some((REDIS, &prefix)),
+        &[SMALL_RING, ("CHAT__STREAM__MAX_LEN", "50")],
+    ))
+    .await;
+    send(&node.url, 1000).await;
+    let redis = redis(REDIS).await;
+    let key = stream_key(&db, &prefix).await;
+    stream_reaches(&redis, &key, 1000).await;
+    let first: Vec<(String, Vec<(String, String)>)> =
+        redis.xrange(&key, "-", "+", Some(1)).await.expect("xrange");
+    assert!(
+        first
+            .first()
+            .is_some_and(|(id, _)| id != "1-0" && id != "2-0"),
+        "the stream was trimmed: {first:?}"
+    );
+    let before = node
+        .metric("chorus_replays_total{source=\"database\"}")
+        .await;
+    recover(&node.url, 1, 1000).await;
+    assert_eq!(
+        node.metric("chorus_replays_total{source=\"database\"}")
+            .await,
+        before + 1.0,
+        "the recovery started from the database"
+    );
+    assert!(
+        node.metric("chorus_replay_reads_total{source=\"database\"}")
+            .await
+            >= 1.0
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_stream_sends_reconnects_to_the_database_until_it_covers_them_again() {
+    let db = TestDb::new().await;
+    let private = PrivateRedis::start().await;
+    let url = private.url();
+    let prefix = unique("rl");
+    let node = Node::start(settings_with(&db.url, Some((&url, &prefix)), &[SMALL_RING])).await;
+    send(&node.url, 100).await;
+    let key = stream_key(&db, &prefix).await;
+    stream_reaches(&redis(&url).await, &key, 100).await;
+
+    // Redis restarts empty (it keeps nothing on disk): the stream is gone.
+    let port = private.kill().await;
+    let _private = PrivateRedis::start_on(port).await;
+    let redis = redis(&url).await;
+    wait_for(T, "the node to be ready again", || async {
+        crate::support::http_get(node.addr, "/readyz").await.0 == 200
+    })
+    .await;
+    send_more(&node.url, 101, 120).await;
+    stream_reaches(&redis, &key, 120).await;
+
+    // 51 is not in the new stream (it starts at 101): the database serves it.
+    let before = node
+        .metric("chorus_replays_total{source=\"database\"}")
+        .await;
+    recover(&node.url, 50, 120).await;
+    assert_eq!(
+        node.metric("chorus_replays_total{source=\"database\"}")
+            .await,
+        before + 1.0
+    );
+    // 101 on is in the new stream again.
+    let before = node.metric("chorus_replays_total{source=\"stream\"}").await;
+    recover(&node.url, 101, 120).await;
+    assert_eq!(
+        node.metric("chorus_replays_total{source=\"stream\"}").await,
+        before + 1.0
+    );
+    node.stop().await;
+}
+
+/// Sends `m{from}..=m{to}` one at a time.
+async fn send_more(url: &str, from: i64, to: i64) {
+    let sender = Client::connect(url, None).await.expect("connect");
+    for i in from..=to {
+        let ack = sender
+            .emit_with_ack(
+                "chat message",
+                vec![json!(format!("m{i}")), json!(format!("k-{i}"))],
+                T,
+            )
+            .await
+            .expect("acked");
+        assert!(
+            ack.first().is_none_or(|a| a.get("error").is_none()),
+            "{ack:?}"
+        );
+    }
+    sender.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_serves_reconnects_from_its_in_process_log() {
+    let dir = std::env::temp_dir().join(unique("chorus_sqlite"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let url = format!("sqlite://{}", dir.join("chat.db").display());
+    let node = Node::start(settings_with(&url, None, &[SMALL_RING])).await;
+    send(&node.url, 300).await;
+    let queries = node
+        .metric("chorus_replay_reads_total{source=\"database\"}")
+        .await;
+    recover(&node.url, 10, 300).await;
+    assert_eq!(
+        node.metric("chorus_replay_reads_total{source=\"database\"}")
+            .await,
+        queries,
+        "a reconnect within retention made a database query"
+    );
+    assert_eq!(
+        node.metric("chorus_replays_total{source=\"stream\"}").await,
+        1.0
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_messages_during_a_stream_recovery_are_merged_by_offset() {
+    require_redis(REDIS).await;
+    let db = TestDb::new().await;
+    let prefix = unique("rm");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(
+            Node::start(settings_with(
+                &db.url,
+                Some((REDIS, &prefix)),
+                &[SMALL_RING],
+            ))
+            .await,
+        );
+    }
+    send(&nodes[0].url, 3000).await;
+    stream_reaches(&redis(REDIS).await, &stream_key(&db, &prefix).await, 3000).await;
+
+    // The recovery of 2990 messages runs while 500 more are sent through the other node.
+    let live = tokio::spawn({
+        let url = nodes[0].url.clone();
+        async move { send_more(&url, 3001, 3500).await }
+    });
+    let mut client = Client::connect(&nodes[1].url, Some(json!({ "serverOffset": 10 })))
+        .await
+        .expect("connect");
+    let mut seen = std::collections::HashSet::new();
+    for expected in 11..=3500 {
+        let (content, offset) = client
+            .next_chat_message(T)
+            .await
+            .unwrap_or_else(|e| panic!("message {expected}: {e}"));
+        assert_eq!(offset, expected, "recovery and live messages in one order");
+        assert!(seen.insert(content.clone()), "{content} twice");
+    }
+    live.await.expect("live sender");
+    assert!(
+        client
+            .next_chat_message(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "nothing after the last message"
+    );
+    assert_eq!(
+        nodes[1]
+            .metric("chorus_replays_total{source=\"stream\"}")
+            .await,
+        1.0
+    );
+    stop_all(nodes).await;
+}
