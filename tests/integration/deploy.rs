@@ -9,15 +9,10 @@ use serde_json::json;
 
 use crate::{
     support::{REDIS, TestDb, require_redis, unique},
-    topology::{Balancer, Lb, ProcNode, SteadyLoad, free_port, start_nodes, try_get, wait_stored},
+    topology::{Lb, Loaded, NodeSetup, free_port, try_get},
 };
 
 const T: Duration = Duration::from_secs(10);
-
-/// Local addresses the clients connect from, so a balancer that routes by source spreads them.
-fn sources() -> Vec<String> {
-    (2..14).map(|i| format!("127.0.0.{i}")).collect()
-}
 
 /// What happens to the nodes while the load runs.
 #[derive(Debug, Clone, Copy)]
@@ -28,23 +23,6 @@ enum Plan {
     Rolling,
 }
 
-async fn stored(db: &TestDb) -> i64 {
-    db.count().await
-}
-
-/// Waits until `n` more messages are stored: the load is running.
-async fn progress(db: &TestDb, n: i64) {
-    wait_stored(db, stored(db).await + n).await;
-}
-
-async fn connections(nodes: &[ProcNode]) -> Vec<i64> {
-    let mut out = Vec::with_capacity(nodes.len());
-    for node in nodes {
-        out.push(node.connections().await);
-    }
-    out
-}
-
 /// Index of the node with the most connections, other than `except`.
 fn busiest(conns: &[i64], except: Option<usize>) -> usize {
     (0..conns.len())
@@ -53,109 +31,41 @@ fn busiest(conns: &[i64], except: Option<usize>) -> usize {
         .expect("a node")
 }
 
-async fn drain(node: &mut ProcNode) {
-    let status = node.drain().await;
-    assert!(
-        status.success(),
-        "{} exited with {status} on SIGTERM",
-        node.id
-    );
-}
-
 async fn under_load(lb: Lb, plan: Plan) {
     require_redis(REDIS).await;
     let db = TestDb::new().await;
-    let mut nodes = start_nodes(&db, REDIS).await;
-    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
-    let balancer = Balancer::start(lb, &ports).await;
-    let clients = sources().len() as i64;
-    let mut load = SteadyLoad::start(&balancer.url(), &sources());
-    load.ready().await;
-
-    let spread = connections(&nodes).await;
-    println!("{lb:?} {plan:?}: connections per node at the start {spread:?}");
-    assert_eq!(
-        spread.iter().sum::<i64>(),
-        clients,
-        "every client is connected once"
-    );
-    assert!(
-        spread.iter().filter(|&&c| c > 0).count() >= 2,
-        "the balancer put every client on one node: {spread:?}"
-    );
-
-    // Clients connected to each node when it went down: all of them must come back elsewhere.
-    let mut moved = 0;
+    let setup = NodeSetup::new(&db, REDIS);
+    let mut run = Loaded::start(lb, db, &setup).await;
     let mut events = Vec::new();
     match plan {
         Plan::DrainThenKill => {
-            let a = busiest(&spread, None);
-            progress(&db, 100).await;
-            moved += connections(&nodes).await[a];
-            drain(&mut nodes[a]).await;
-            events.push(format!("drained {}", nodes[a].id));
-            progress(&db, 150).await;
-            nodes[a].restart().await;
-            progress(&db, 100).await;
+            let a = busiest(&run.connections().await, None);
+            run.progress(100).await;
+            run.drain(a).await;
+            events.push(format!("drained {}", run.nodes[a].id));
+            run.progress(150).await;
+            run.nodes[a].restart().await;
+            run.progress(100).await;
 
-            let now = connections(&nodes).await;
-            let b = busiest(&now, Some(a));
-            moved += now[b];
-            nodes[b].kill().await;
-            events.push(format!("killed {}", nodes[b].id));
-            progress(&db, 150).await;
-            nodes[b].restart().await;
-            progress(&db, 100).await;
+            let b = busiest(&run.connections().await, Some(a));
+            run.kill(b).await;
+            events.push(format!("killed {}", run.nodes[b].id));
+            run.progress(150).await;
+            run.nodes[b].restart().await;
+            run.progress(100).await;
         }
         Plan::Rolling => {
-            for i in 0..nodes.len() {
-                progress(&db, 100).await;
-                moved += connections(&nodes).await[i];
-                drain(&mut nodes[i]).await;
-                nodes[i].restart().await;
-                events.push(format!("restarted {}", nodes[i].id));
+            for i in 0..run.nodes.len() {
+                run.progress(100).await;
+                run.drain(i).await;
+                run.nodes[i].restart().await;
+                events.push(format!("restarted {}", run.nodes[i].id));
             }
-            progress(&db, 100).await;
+            run.progress(100).await;
         }
     }
-    let result = load.finish().await;
-
-    let (rows, distinct): (i64, i64) =
-        sqlx::query_as("select count(*), count(distinct (client_offset, content)) from messages")
-            .fetch_one(&mut db.connect().await)
-            .await
-            .expect("count rows");
-    println!(
-        "{lb:?} {plan:?}: {} | sent={} acked={} stored={rows} reconnects={} retries={} \
-         lost={} duplicated={} out_of_order={} gaps={}",
-        events.join(", "),
-        result["sent"],
-        result["acked"],
-        result["reconnects"],
-        result["retries"],
-        result["lost"],
-        result["duplicated"],
-        result["outOfOrder"],
-        result["gaps"],
-    );
-    // steady.mjs asserted lost = duplicated = out of order = 0 for every client; the database
-    // must agree: one row per client offset, and as many rows as distinct messages seen.
-    assert_eq!(
-        rows, distinct,
-        "a message (client offset and content) was stored twice"
-    );
-    assert_eq!(
-        result["stored"].as_i64().map(|n| n + 1),
-        Some(rows),
-        "rows in the database against messages the clients saw (plus the baseline)"
-    );
-    assert_eq!(result["sent"], result["acked"], "every send was acked");
-    assert!(
-        result["reconnects"].as_i64().unwrap_or(0) >= moved,
-        "{moved} clients were on nodes that went down, but only {} reconnects",
-        result["reconnects"]
-    );
-    drop(balancer);
+    run.finish(&format!("{lb:?} {plan:?} ({})", events.join(", ")))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

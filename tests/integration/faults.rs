@@ -1,12 +1,18 @@
-//! Faults: the database unreachable (G2), Redis restarted under a running cluster.
+//! Faults: the database unreachable (G2), Redis restarted under a running cluster, and, under
+//! load through a load balancer, Redis restarted or cut, Postgres cut, and a slow consumer.
+//! (Nodes drained and killed under load are in `deploy.rs`.)
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chorus::client::{Client, ClientError};
 use serde_json::json;
 
-use crate::support::{
-    FaultProxy, Node, PrivateRedis, TestDb, http_get, settings, stop_all, unique, wait_for,
+use crate::{
+    support::{
+        FaultProxy, Node, PrivateRedis, REDIS, TestDb, http_get, require_redis, settings, stop_all,
+        unique, wait_for,
+    },
+    topology::{Lb, Loaded, NodeSetup, slow_consumer, try_get},
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -148,4 +154,211 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
         "every message after the restart arrived"
     );
     stop_all(nodes).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults under load: three nodes as processes behind nginx, twelve tutorial clients sending and
+// receiving through it (tests/js/steady.mjs), one fault at a time. Each run prints what it
+// counted and asserts nothing was lost, duplicated or reordered (`Loaded::finish`).
+
+/// How long Redis or Postgres stays unreachable in the cut tests.
+const OUTAGE: Duration = Duration::from_secs(10);
+
+async fn all_ready(run: &Loaded, ready: bool) {
+    let want = if ready { 200 } else { 503 };
+    for node in &run.nodes {
+        let port = node.port;
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{} to report ready={ready}", node.id),
+            || async move {
+                try_get(port, "/readyz")
+                    .await
+                    .is_some_and(|(s, _)| s == want)
+            },
+        )
+        .await;
+    }
+}
+
+/// A client that reconnects to `run.nodes[0]` having seen offset 1 must get 2..=head in order.
+async fn recover_from_one(run: &Loaded) {
+    let head = run.db.count().await;
+    let mut client = Client::connect(
+        &format!("http://127.0.0.1:{}", run.nodes[0].port),
+        Some(json!({ "serverOffset": 1 })),
+    )
+    .await
+    .expect("connect");
+    for expected in 2..=head {
+        let (_, offset) = client
+            .next_chat_message(T)
+            .await
+            .unwrap_or_else(|e| panic!("message {expected} of the recovery: {e}"));
+        assert_eq!(offset, expected, "recovered in order, no gap, no duplicate");
+    }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_under_load() {
+    let db = TestDb::new().await;
+    let private = PrivateRedis::start().await;
+    let mut setup = NodeSetup::new(&db, &private.url());
+    // A small ring, so the recovery below cannot be served from memory.
+    setup
+        .env
+        .push(("CHAT__FEED__RING_CAPACITY".into(), "16".into()));
+    let run = Loaded::start(Lb::Nginx, db, &setup).await;
+    run.progress(100).await;
+
+    let port = private.kill().await;
+    all_ready(&run, false).await;
+    // Redis is gone, the store is not: sends are still stored and acked, the nodes deliver to
+    // each other by polling the store, and a recovery reads the database.
+    run.progress(100).await;
+    let from_db = run.nodes[0]
+        .metric("chorus_replays_total{node=\"node1\",source=\"database\"}")
+        .await;
+    recover_from_one(&run).await;
+    assert_eq!(
+        run.nodes[0]
+            .metric("chorus_replays_total{node=\"node1\",source=\"database\"}")
+            .await,
+        from_db + 1.0,
+        "with the stream gone the recovery came from the database"
+    );
+
+    let _redis = PrivateRedis::start_on(port).await;
+    all_ready(&run, true).await;
+    run.progress(200).await;
+    run.finish("redis restarted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_for_10s_under_load() {
+    require_redis(REDIS).await;
+    let db = TestDb::new().await;
+    let proxy = FaultProxy::start("127.0.0.1:6379").await;
+    let setup = NodeSetup::new(&db, &format!("redis://{}", proxy.addr));
+    let run = Loaded::start(Lb::Nginx, db, &setup).await;
+    run.progress(100).await;
+
+    let cut = Instant::now();
+    proxy.cut();
+    all_ready(&run, false).await;
+    run.progress(100).await;
+    // The outage itself lasts a fixed time: that is the fault, not a wait for a condition.
+    tokio::time::sleep(OUTAGE.saturating_sub(cut.elapsed())).await;
+    proxy.restore();
+    all_ready(&run, true).await;
+    run.progress(200).await;
+    run.finish("redis unreachable for 10 s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unreachable_for_10s_under_load() {
+    let db = TestDb::new().await;
+    let proxy = FaultProxy::start("127.0.0.1:5432").await;
+    let mut setup = NodeSetup::new(&db, REDIS);
+    setup.database_url = db.url.replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let db_name = db.url.rsplit('/').next().unwrap_or_default().to_owned();
+    let run = Loaded::start(Lb::Nginx, db, &setup).await;
+    run.progress(100).await;
+
+    let store_errors = || async {
+        let mut sum = 0.0;
+        for node in &run.nodes {
+            sum += node
+                .metric(&format!(
+                    "chorus_errors_total{{node=\"{}\",kind=\"store\"",
+                    node.id
+                ))
+                .await;
+        }
+        sum
+    };
+    let before = store_errors().await;
+    let cut = Instant::now();
+    proxy.cut();
+    wait_for(T, "the nodes to notice the database is gone", || async {
+        store_errors().await > before
+    })
+    .await;
+    // From here on nothing can commit, so nothing may be acked (an ack follows a commit).
+    let stored = run.metric_sum("chorus_messages_stored_total{").await;
+    let rows = run.db.count().await;
+    tokio::time::sleep(OUTAGE.saturating_sub(cut.elapsed())).await;
+    assert_eq!(
+        run.metric_sum("chorus_messages_stored_total{").await,
+        stored,
+        "a node committed (and acked) during the outage"
+    );
+    assert_eq!(
+        run.db.count().await,
+        rows,
+        "rows appeared during the outage"
+    );
+    proxy.restore();
+    // The clients' retries land.
+    run.progress(200).await;
+
+    let connections: i64 =
+        sqlx::query_scalar("select count(*) from pg_stat_activity where datname = $1")
+            .bind(&db_name)
+            .fetch_one(&mut run.db.connect().await)
+            .await
+            .expect("pg_stat_activity");
+    println!("postgres connections of the test database after the outage: {connections}");
+    assert!(
+        connections <= 3 * 8 + 1,
+        "{connections} connections: more than three pools' worth"
+    );
+    run.finish("postgres unreachable for 10 s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_cut_off_and_the_others_do_not_wait() {
+    require_redis(REDIS).await;
+    let db = TestDb::new().await;
+    let mut setup = NodeSetup::new(&db, REDIS);
+    setup.env.extend([
+        ("CHAT__CHAT__MAX_BUFFER_SIZE".into(), "64".into()),
+        ("CHAT__CHAT__SLOW_CONSUMER_TIMEOUT_MS".into(), "2000".into()),
+    ]);
+    let mut run = Loaded::start(Lb::Nginx, db, &setup).await;
+    run.progress(100).await;
+    run.mark("without").await;
+    run.progress(400).await;
+
+    let slow_node = &run.nodes[0];
+    let cut_off = format!(
+        "chorus_errors_total{{node=\"{}\",kind=\"slow_consumer\"",
+        slow_node.id
+    );
+    let before = slow_node.metric(&cut_off).await;
+    let _slow = slow_consumer(slow_node.port).await;
+    run.mark("with").await;
+    wait_for(
+        Duration::from_secs(60),
+        "the slow consumer to be cut off",
+        || async { run.nodes[0].metric(&cut_off).await > before },
+    )
+    .await;
+    run.progress(100).await;
+    let result = run.finish("slow consumer").await;
+    let p99 = |phase: &str| {
+        result["latency_ms"][phase]["p99"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no latency for phase {phase}: {}", result["latency_ms"]))
+    };
+    let (without, with) = (p99("without"), p99("with"));
+    println!(
+        "delivery latency p99 of the other clients: {without} ms without, {with} ms with a slow consumer"
+    );
+    // A slow consumer that held the others up would show as its timeout (2 s) in their p99.
+    assert!(
+        with <= without * 3.0 + 250.0,
+        "p99 went from {without} ms to {with} ms with a slow consumer"
+    );
 }

@@ -9,10 +9,12 @@
 //
 // Protocol with the harness: once every client is connected, upgraded and has the baseline
 // message, this prints `READY {...}` and senders start sending every CHORUS_SEND_INTERVAL_MS. The
-// harness then stops, kills and restarts nodes. When it writes `stop` (or closes stdin), senders
-// stop, every send must be acked, a final message must reach every client, and every client's
-// log from the baseline to the final message must be complete, in order and without repeats.
-// The last line is `RESULT {...}`; the exit code is 0 only when every check passed.
+// harness then stops, kills and restarts nodes. `mark NAME` on stdin starts a measurement phase:
+// each message carries its send time, and delivery latencies are reported per phase. When the
+// harness writes `stop` (or closes stdin), senders stop, every send must be acked, a final
+// message must reach every client, and every client's log from the baseline to the final
+// message must be complete, in order and without repeats. The last line is `RESULT {...}`; the
+// exit code is 0 only when every check passed.
 //
 // CHORUS_SENDERS (4), CHORUS_RECEIVERS (8), CHORUS_SEND_INTERVAL_MS (20), CHORUS_RUN_LIMIT_MS (300000)
 
@@ -56,6 +58,7 @@ function tutorialClient(name, source, clients) {
     ioOptions: { auth: { serverOffset: 0 }, ackTimeout: ACK_TIMEOUT, retries: RETRIES, forceNew: true, agent },
   });
   client.source = source;
+  client.onMessage = recordLatency;
   client.reconnects = 0;
   client.upgrades = 0;
   const manager = client.socket.io;
@@ -74,20 +77,45 @@ function tutorialClient(name, source, clients) {
 
 const transportOf = (c) => c.socket.io.engine?.transport?.name;
 
-/** Resolves when the harness says stop (a `stop` line or the end of stdin). */
-function stopRequested() {
+/** Delivery latencies (ms) by phase; the harness names phases with `mark NAME`. */
+const phases = new Map([['start', []]]);
+let phase = phases.get('start');
+
+/** Resolves when the harness says stop (a `stop` line or the end of stdin); follows marks. */
+function listenToHarness() {
   return new Promise((resolve) => {
     const lines = readline.createInterface({ input: process.stdin });
     lines.on('line', (line) => {
-      if (line.trim() === 'stop') resolve('stop');
+      const [word, name] = line.trim().split(/\s+/, 2);
+      if (word === 'stop') resolve('stop');
+      if (word === 'mark' && name) {
+        if (!phases.has(name)) phases.set(name, []);
+        phase = phases.get(name);
+      }
     });
     lines.on('close', () => resolve('stdin closed'));
   });
 }
 
+/** Records the delivery latency of a message whose content ends with `@{send time in ms}`. */
+function recordLatency(content) {
+  const at = typeof content === 'string' ? content.lastIndexOf('@') : -1;
+  if (at < 0) return;
+  const sent = Number(content.slice(at + 1));
+  if (Number.isFinite(sent)) phase.push(Date.now() - sent);
+}
+
+function percentiles(samples) {
+  if (samples.length === 0) return { n: 0 };
+  const sorted = [...samples].sort((a, b) => a - b);
+  const at = (q) => sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
+  return { n: sorted.length, p50: at(0.5), p95: at(0.95), p99: at(0.99), max: sorted[sorted.length - 1] };
+}
+
 async function main() {
   const clients = new Clients();
   const prefix = `${RUN_ID}-steady-`;
+  const stop = listenToHarness();
   try {
     const senders = [];
     const receivers = [];
@@ -119,7 +147,7 @@ async function main() {
     const timers = senders.map((s, i) => {
       let k = 0;
       return setInterval(() => {
-        const content = `${prefix}s${i}-${k++}`;
+        const content = `${prefix}s${i}-${k++}@${Date.now()}`;
         sentContents.add(content);
         queued++;
         pending.push(
@@ -132,7 +160,7 @@ async function main() {
       }, INTERVAL);
     });
     const limit = new Promise((resolve) => setTimeout(() => resolve('run limit'), RUN_LIMIT).unref());
-    const why = await Promise.race([stopRequested(), limit]);
+    const why = await Promise.race([stop, limit]);
     for (const t of timers) clearInterval(t);
     assert.notEqual(why, 'run limit', `the harness did not say stop within ${RUN_LIMIT} ms`);
 
@@ -170,6 +198,7 @@ async function main() {
       stored_twice: run.storedTwice.length,
       never_seen: run.neverStored.length,
       offsets: [run.first, run.last],
+      latency_ms: Object.fromEntries([...phases].map(([name, samples]) => [name, percentiles(samples)])),
     };
     console.log(`RESULT ${JSON.stringify(result)}`);
     assert.deepEqual(failures.slice(0, 5), [], `every send must be acked (${failures.length} failed)`);
