@@ -186,8 +186,11 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
             (routes.fallback_service(svc), closer(io))
         }
         Some(connector) => {
-            // The adapter's driver connects the client itself; connecting it here first would
-            // make that a reconnect, whose re-subscription races the adapter's own SSUBSCRIBEs.
+            // The adapter's driver connects the client itself (it calls `init`), so it gets the
+            // client unconnected. A second `init` replaces fred's router task and sends QUIT to
+            // the old one; until the old task has processed that QUIT, fred only buffers new
+            // commands without flushing them, so the adapter's first SSUBSCRIBE could sit
+            // unsent until it timed out (about one start in 250, more under CPU load).
             let (subscriber, connections) = connector.unconnected_subscriber()?;
             let config = RedisAdapterConfig::new()
                 .with_prefix(format!("{}:socket.io", settings.redis.prefix))

@@ -85,8 +85,9 @@ impl RedisConnector {
     }
 
     /// A subscriber client not connected yet, for a user that connects it itself (the Socket.IO
-    /// adapter's driver calls `init`, and a second `init` would replace the connection). Once it
-    /// is connected, hand it to [`Connections::keep_subscribed`].
+    /// adapter's driver calls `init`; a second `init` on a connected client can leave its next
+    /// command unsent, see `app::build`). Once it is connected, hand it to
+    /// [`Connections::keep_subscribed`].
     pub fn unconnected_subscriber(&self) -> Result<(SubscriberClient, Connections), BusError> {
         let client = self.builder.build_subscriber_client()?;
         // fred announces every connection, the first one too: listen before connecting so the
