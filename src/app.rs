@@ -60,6 +60,7 @@ pub struct App {
     tasks: TaskTracker,
     cancel: CancellationToken,
     drain_timeout: Duration,
+    unready_delay: Duration,
 }
 
 /// Builds a node: binds the port, opens the store, connects Redis when configured.
@@ -223,6 +224,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         tasks,
         cancel,
         drain_timeout: ms(settings.shutdown.drain_timeout_ms),
+        unready_delay: ms(settings.shutdown.unready_delay_ms),
     })
 }
 
@@ -266,7 +268,8 @@ impl App {
         &self.node_id
     }
 
-    /// Serves until `shutdown` resolves, then drains: readiness turns false, sockets are closed
+    /// Serves until `shutdown` resolves, then drains: readiness turns false (and stays false while
+    /// the node still serves for `shutdown.unready_delay_ms`), the port closes, sockets are closed
     /// so clients reconnect elsewhere, the write in progress finishes (acked or not, never
     /// half), background tasks stop and the pools close.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
@@ -285,6 +288,9 @@ impl App {
         shutdown.await;
         tracing::info!(node = %self.node_id, "shutting down");
         self.http.draining.store(true, Relaxed);
+        if !self.unready_delay.is_zero() {
+            tokio::time::sleep(self.unready_delay).await;
+        }
         stop_accepting.cancel();
         (self.close_sockets)().await;
         self.cancel.cancel();

@@ -119,6 +119,9 @@ pub enum LogFormat {
 pub struct ShutdownSettings {
     /// Longest wait for in-flight writes after a signal.
     pub drain_timeout_ms: u64,
+    /// How long the node keeps serving with readiness false before it stops accepting, so a
+    /// load balancer with health checks moves new clients away first (0: stop at once).
+    pub unready_delay_ms: u64,
 }
 
 /// How much history a new client receives.
@@ -215,6 +218,7 @@ level = "info"
 
 [shutdown]
 drain_timeout_ms = 10000
+unready_delay_ms = 0
 "#;
 
 impl Settings {

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -24,6 +24,9 @@ use crate::{
     metrics::{ErrorKind, Metrics, ReplaySource},
     store::{Message, Store, StoreError},
 };
+
+/// A catch-up page and where it came from.
+type PageResult = Result<(Vec<Arc<Message>>, ReplaySource), StoreError>;
 
 /// Identifies a subscriber (a socket id, as text).
 pub type SubscriberId = Arc<str>;
@@ -283,6 +286,8 @@ impl Feed {
     async fn catch_up(self, id: SubscriberId) {
         let page_size = self.inner.options.page_size;
         let mut counted = None;
+        // The next log or store page, read while the current one is being sent.
+        let mut prefetched: Option<(i64, JoinHandle<PageResult>)> = None;
         loop {
             let (sink, cursor, from_ring) = {
                 let mut state = self.lock();
@@ -305,7 +310,7 @@ impl Feed {
             };
             let (page, source) = match from_ring {
                 Some(page) => (page, ReplaySource::Memory),
-                None => match self.page_after(&id, cursor).await {
+                None => match self.next_page(&id, cursor, prefetched.take()).await {
                     Ok(found) => found,
                     Err(error) => {
                         self.inner.metrics.error(ErrorKind::Store);
@@ -318,6 +323,17 @@ impl Feed {
             if counted.is_none() {
                 counted = Some(source);
                 self.inner.metrics.replay(source);
+            }
+            if source != ReplaySource::Memory
+                && page.len() == page_size
+                && let Some(last) = page.last()
+            {
+                let (feed, id, after) = (self.clone(), id.clone(), last.offset);
+                let read = self
+                    .inner
+                    .tasks
+                    .spawn(async move { feed.page_after(&id, after).await });
+                prefetched = Some((after, read));
             }
             let mut last = cursor;
             for message in &page {
@@ -354,13 +370,29 @@ impl Feed {
         }
     }
 
-    /// The next page after `cursor` from the recovery log, or from the store when the log does
-    /// not hold `cursor + 1` (or cannot be read).
-    async fn page_after(
+    /// The page after `cursor`: the one prefetched for it if there is one, else read now.
+    async fn next_page(
         &self,
         id: &str,
         cursor: i64,
-    ) -> Result<(Vec<Arc<Message>>, ReplaySource), StoreError> {
+        prefetched: Option<(i64, JoinHandle<PageResult>)>,
+    ) -> PageResult {
+        match prefetched {
+            Some((after, read)) if after == cursor => match read.await {
+                Ok(result) => result,
+                Err(_) => self.page_after(id, cursor).await,
+            },
+            Some((_, read)) => {
+                read.abort();
+                self.page_after(id, cursor).await
+            }
+            None => self.page_after(id, cursor).await,
+        }
+    }
+
+    /// The next page after `cursor` from the recovery log, or from the store when the log does
+    /// not hold `cursor + 1` (or cannot be read).
+    async fn page_after(&self, id: &str, cursor: i64) -> PageResult {
         let page_size = self.inner.options.page_size;
         match self.inner.log.read_after(cursor, page_size).await {
             Ok(page) if !page.is_empty() => return Ok((page, ReplaySource::Stream)),

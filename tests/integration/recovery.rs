@@ -322,3 +322,28 @@ async fn live_messages_during_a_stream_recovery_are_merged_by_offset() {
     );
     stop_all(nodes).await;
 }
+
+/// The recovery benchmark, small: it runs, checks its own sources, and prints figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_benchmark_runs() {
+    require_redis(REDIS).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus-bench"))
+        .args(["replay", "--messages", "2000", "--runs", "1"])
+        .output()
+        .await
+        .expect("run chorus-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "chorus-bench replay failed");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let result: serde_json::Value = serde_json::from_str(line).expect("JSON");
+    for key in ["stream_median", "database_median"] {
+        assert!(
+            result[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key}: {result}"
+        );
+    }
+}

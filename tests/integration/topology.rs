@@ -72,6 +72,8 @@ impl ProcNode {
             ("CHAT__REDIS__PREFIX", setup.prefix.clone()),
             ("CHAT__STORE__TIMEOUT_MS", "2000".to_owned()),
             ("CHAT__SHUTDOWN__DRAIN_TIMEOUT_MS", "3000".to_owned()),
+            // Long enough to see readiness turn false before the port closes.
+            ("CHAT__SHUTDOWN__UNREADY_DELAY_MS", "1000".to_owned()),
             ("CHAT__LOG__LEVEL", "warn,chorus=info".to_owned()),
         ]
         .into_iter()
@@ -130,9 +132,17 @@ impl ProcNode {
             .unwrap_or_else(|| panic!("{} is not running", self.id))
     }
 
-    /// SIGTERM: the node drains and exits; returns its exit status.
+    /// SIGTERM: readiness must turn false while the node still serves, then it drains and
+    /// exits; returns its exit status.
     pub async fn drain(&mut self) -> ExitStatus {
         signal(self.pid(), "TERM");
+        let port = self.port;
+        wait_for(
+            Duration::from_secs(10),
+            "readiness to turn false after SIGTERM, before the port closes",
+            || async move { matches!(try_get(port, "/readyz").await, Some((503, _))) },
+        )
+        .await;
         let mut child = self.child.take().expect("running");
         tokio::time::timeout(Duration::from_secs(20), child.wait())
             .await
