@@ -93,24 +93,25 @@ async fn stream_reaches(redis: &Redis, key: &str, offset: i64) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reconnect_within_retention_is_served_from_the_stream_without_a_query() {
+/// Two nodes with small rings on a fresh database and prefix; `n` messages sent through the
+/// first, and in the stream.
+async fn two_nodes_with_stream(n: i64) -> (TestDb, Vec<Node>) {
     require_redis(REDIS).await;
     let db = TestDb::new().await;
     let prefix = unique("rs");
     let mut nodes = Vec::new();
     for _ in 0..2 {
-        nodes.push(
-            Node::start(settings_with(
-                &db.url,
-                Some((REDIS, &prefix)),
-                &[SMALL_RING],
-            ))
-            .await,
-        );
+        let settings = settings_with(&db.url, Some((REDIS, &prefix)), &[SMALL_RING]);
+        nodes.push(Node::start(settings).await);
     }
-    send(&nodes[0].url, 300).await;
-    stream_reaches(&redis(REDIS).await, &stream_key(&db, &prefix).await, 300).await;
+    send(&nodes[0].url, n).await;
+    stream_reaches(&redis(REDIS).await, &stream_key(&db, &prefix).await, n).await;
+    (db, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_within_retention_is_served_from_the_stream_without_a_query() {
+    let (_db, nodes) = two_nodes_with_stream(300).await;
 
     let (queries, from_stream) = (
         nodes[1]
@@ -272,22 +273,7 @@ async fn a_single_node_serves_reconnects_from_its_in_process_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_messages_during_a_stream_recovery_are_merged_by_offset() {
-    require_redis(REDIS).await;
-    let db = TestDb::new().await;
-    let prefix = unique("rm");
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        nodes.push(
-            Node::start(settings_with(
-                &db.url,
-                Some((REDIS, &prefix)),
-                &[SMALL_RING],
-            ))
-            .await,
-        );
-    }
-    send(&nodes[0].url, 3000).await;
-    stream_reaches(&redis(REDIS).await, &stream_key(&db, &prefix).await, 3000).await;
+    let (_db, nodes) = two_nodes_with_stream(3000).await;
 
     // The recovery of 2990 messages runs while 500 more are sent through the other node.
     let live = tokio::spawn({
