@@ -36,7 +36,9 @@ struct Submission {
 /// A cheap handle for submitting sends to the writer.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<Submission>,
+    /// Unbounded: what is queued is bounded by each socket's in-flight limit
+    /// (`chat.max_in_flight`), and queuing must not wait, so sends keep their order.
+    tx: mpsc::UnboundedSender<Submission>,
 }
 
 impl Writer {
@@ -50,24 +52,28 @@ impl Writer {
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(batch_max * 4);
+        let (tx, rx) = mpsc::unbounded_channel();
         tasks.spawn(run(rx, store, feed, bus, batch_max, metrics, cancel));
         Self { tx }
     }
 
-    /// Stores one message (or finds it stored before) and returns where it is.
-    pub async fn submit(&self, message: NewMessage) -> Result<Appended, WriteError> {
+    /// Queues one message now (sends queued one after the other are stored in that order); the
+    /// future resolves once it is stored (or found stored before) with where it is.
+    pub fn submit(
+        &self,
+        message: NewMessage,
+    ) -> impl Future<Output = Result<Appended, WriteError>> + use<> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Submission { message, reply })
-            .await
-            .map_err(|_| WriteError::ShuttingDown)?;
-        answer.await.map_err(|_| WriteError::ShuttingDown)?
+        let queued = self.tx.send(Submission { message, reply });
+        async move {
+            queued.map_err(|_| WriteError::ShuttingDown)?;
+            answer.await.map_err(|_| WriteError::ShuttingDown)?
+        }
     }
 }
 
 async fn run(
-    mut rx: mpsc::Receiver<Submission>,
+    mut rx: mpsc::UnboundedReceiver<Submission>,
     store: Arc<dyn Store>,
     feed: Feed,
     bus: Option<Bus>,

@@ -13,7 +13,11 @@ use socketioxide::{
 };
 
 use super::{CHAT_MESSAGE, Chat};
-use crate::{metrics::ErrorKind, store::NewMessage};
+use crate::{
+    metrics::ErrorKind,
+    store::{Appended, NewMessage},
+    writer::WriteError,
+};
 
 /// Input limits, from the settings.
 #[derive(Debug, Clone, Copy)]
@@ -136,39 +140,54 @@ pub fn parse_send(args: &[Value], limits: &Limits) -> Result<NewMessage, InputEr
 }
 
 /// Registers `chat message` on a freshly connected socket.
+///
+/// socketioxide calls the handler in packet order and spawns the future it returns, so the send
+/// is validated and queued for the writer in the handler itself, not in the future: a client's
+/// messages are stored in the order it sent them, even when it does not wait for each ack.
 pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>) {
     let in_flight = Arc::new(AtomicUsize::new(0));
     socket.on(
         CHAT_MESSAGE,
         move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
-            let chat = chat.clone();
-            let in_flight = in_flight.clone();
-            async move { on_chat_message(socket, args.ok().map(|a| a.0), ack, chat, in_flight).await }
+            let queued = queue_send(args.ok().map(|a| a.0), &chat, &in_flight);
+            let (chat, in_flight) = (chat.clone(), in_flight.clone());
+            async move {
+                match queued {
+                    Err(error) => reject(ack, &error, &chat),
+                    Ok(stored) => {
+                        let result = stored.await;
+                        in_flight.fetch_sub(1, Relaxed);
+                        answer(&socket, ack, result);
+                    }
+                }
+            }
         },
     );
 }
 
-async fn on_chat_message<A: Adapter>(
-    socket: SocketRef<A>,
+/// Validates a send and queues it for the writer; the future resolves once it is stored.
+fn queue_send(
     args: Option<Vec<Value>>,
-    ack: AckSender<A>,
-    chat: Arc<Chat>,
-    in_flight: Arc<AtomicUsize>,
-) {
-    let parsed = match args {
-        Some(args) => parse_send(&args, &chat.limits),
-        None => Err(InputError::ContentNotString),
-    };
-    let message = match parsed {
-        Ok(message) => message,
-        Err(error) => return reject(ack, &error, &chat),
+    chat: &Chat,
+    in_flight: &AtomicUsize,
+) -> Result<impl Future<Output = Result<Appended, WriteError>> + use<>, InputError> {
+    let message = match args {
+        Some(args) => parse_send(&args, &chat.limits)?,
+        None => return Err(InputError::ContentNotString),
     };
     if in_flight.fetch_add(1, Relaxed) >= chat.limits.max_in_flight {
         in_flight.fetch_sub(1, Relaxed);
-        return reject(ack, &InputError::TooManyInFlight, &chat);
+        return Err(InputError::TooManyInFlight);
     }
-    let result = chat.writer.submit(message).await;
-    in_flight.fetch_sub(1, Relaxed);
+    Ok(chat.writer.submit(message))
+}
+
+/// Acks a stored send; a transient failure gets no ack.
+fn answer<A: Adapter>(
+    socket: &SocketRef<A>,
+    ack: AckSender<A>,
+    result: Result<Appended, WriteError>,
+) {
     match result {
         // Stored now or before: either way the client may stop retrying.
         Ok(_) => {

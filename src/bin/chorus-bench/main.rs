@@ -1,0 +1,688 @@
+//! chorus-bench: load scenarios against chorus and, side by side, against the Socket.IO
+//! tutorial's server on Node.js with the Redis adapter (`bench/baseline`), on the same Postgres
+//! and Redis. It starts every server itself. `bench/README.md` explains the scenarios.
+
+mod conn;
+mod hist;
+mod scenarios;
+mod servers;
+
+use std::{fmt::Write as _, path::PathBuf, sync::Arc};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::json;
+
+use crate::{
+    scenarios::{Fanout, FanoutResult},
+    servers::{Database, Server, Services, System},
+};
+
+const USAGE: &str = "usage: chorus-bench <scenario> [options]
+
+scenarios:
+  all            every scenario below for chorus and the baseline; prints the side-by-side table,
+                 writes bench/results/ramp.csv and bench/results/ramp.svg
+  ramp           fanout at rising rates until p99 >= 50 ms or a message is lost (1 and 3 nodes)
+  fanout         one fanout run: --connections C --senders S --rate R --seconds D
+  connect        server memory per idle websocket connection (--connections N)
+  store          acked, stored messages/s with distinct client offsets
+  replay         one client recovering --messages N missed messages (stream, database)
+  trivial-server a trivial in-memory Socket.IO broadcaster (the generator's ceiling); internal
+
+options:
+  --system chorus|baseline|trivial   for single scenarios (default chorus)
+  --nodes N          servers behind the load (default 3)
+  --quick            small sizes: a smoke run of seconds
+  --pg URL           Postgres allowed to create databases (postgres://postgres@127.0.0.1:5432/postgres)
+  --redis URL        default redis://127.0.0.1:6379
+  --server-cpu N     pin servers to CPU N with taskset (default: 0 when there are 2+ CPUs)";
+
+/// The command line.
+struct Options {
+    scenario: String,
+    system: System,
+    nodes: usize,
+    quick: bool,
+    services: Services,
+    connections: usize,
+    senders: usize,
+    rate: f64,
+    seconds: f64,
+    messages: u64,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut args = std::env::args().skip(1);
+    let scenario = match args.next() {
+        Some(s) if s == "-h" || s == "--help" => {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        Some(s) => s,
+        None => bail!("{USAGE}"),
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut o = Options {
+        scenario,
+        system: System::Chorus,
+        nodes: 3,
+        quick: false,
+        services: Services {
+            pg_admin: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            redis: "redis://127.0.0.1:6379".into(),
+            server_cpu: (cpus >= 2).then_some(0),
+        },
+        connections: 500,
+        senders: 10,
+        rate: 20.0,
+        seconds: 5.0,
+        messages: 100_000,
+    };
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--system" => {
+                o.system = match value()?.as_str() {
+                    "chorus" => System::Chorus,
+                    "baseline" => System::Baseline,
+                    "trivial" => System::Trivial,
+                    other => bail!("unknown system {other:?}"),
+                }
+            }
+            "--nodes" => o.nodes = value()?.parse().context("--nodes")?,
+            "--quick" => o.quick = true,
+            "--pg" => o.services.pg_admin = value()?,
+            "--redis" => o.services.redis = value()?,
+            "--server-cpu" => {
+                o.services.server_cpu = Some(value()?.parse().context("--server-cpu")?)
+            }
+            "--connections" => o.connections = value()?.parse().context("--connections")?,
+            "--senders" => o.senders = value()?.parse().context("--senders")?,
+            "--rate" => o.rate = value()?.parse().context("--rate")?,
+            "--seconds" => o.seconds = value()?.parse().context("--seconds")?,
+            "--messages" => o.messages = value()?.parse().context("--messages")?,
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    ensure!(
+        o.nodes >= 1 && o.connections >= 1,
+        "--nodes and --connections must be positive"
+    );
+    Ok(o)
+}
+
+/// `n` servers of `system` on one fresh database and Redis prefix.
+struct Cluster {
+    servers: Vec<Server>,
+    db: Option<Database>,
+}
+
+impl Cluster {
+    async fn start(
+        system: System,
+        n: usize,
+        o: &Options,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Cluster> {
+        let tag = format!("{}_{}", system.name(), scenarios_counter());
+        let db = match system {
+            System::Trivial => None,
+            _ => Some(Database::create(&o.services, &tag).await?),
+        };
+        let prefix = format!("bench_{}_{tag}", std::process::id());
+        let mut servers = Vec::with_capacity(n);
+        // One at a time: the baseline's first node creates its table.
+        for _ in 0..n {
+            servers.push(Server::start(system, &o.services, db.as_ref(), &prefix, extra).await?);
+        }
+        Ok(Cluster { servers, db })
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.url.clone()).collect()
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        futures_util::future::join_all(self.servers.into_iter().map(Server::stop)).await;
+        if let Some(db) = self.db {
+            db.drop_now().await?;
+        }
+        Ok(())
+    }
+}
+
+fn scenarios_counter() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn fanout_line(system: System, nodes: usize, r: &FanoutResult) -> String {
+    format!(
+        "{:<9} {:>2} nodes {:>5} conns {:>3} senders x {:>6.0}/s: {:>9.0} deliveries/s  p50 {:>7.1} p99 {:>7.1} max {:>7.1} ms  ack p99 {:>6.1} ms  lost {} dup {} ooo {} reordered {}  gen cpu {:.2}",
+        system.name(),
+        nodes,
+        r.params.connections,
+        r.params.senders,
+        r.params.rate,
+        r.deliveries_per_s,
+        r.latency_ms.p50,
+        r.latency_ms.p99,
+        r.latency_ms.max,
+        r.ack_ms.p99,
+        r.lost,
+        r.duplicated,
+        r.out_of_order,
+        r.reordered,
+        r.generator_cpu,
+    )
+}
+
+/// Does a fanout step pass: p99 under 50 ms, every send acked, nothing lost, duplicated, out of
+/// order (by offset) or reordered (a sender's messages against its send order)?
+fn passes(r: &FanoutResult) -> bool {
+    r.latency_ms.p99 < 50.0
+        && r.lost == 0
+        && r.duplicated == 0
+        && r.out_of_order == 0
+        && r.reordered == 0
+        && r.acked == r.sent
+}
+
+/// Raises the per-sender rate until a step fails; returns every step.
+async fn ramp(system: System, nodes: usize, o: &Options) -> anyhow::Result<Vec<FanoutResult>> {
+    let (connections, senders, seconds, rates): (usize, usize, f64, Vec<f64>) = if o.quick {
+        (30, 3, 1.0, vec![10.0, 40.0])
+    } else {
+        (
+            500,
+            10,
+            4.0,
+            vec![
+                10.0, 20.0, 40.0, 80.0, 120.0, 160.0, 240.0, 320.0, 480.0, 640.0,
+            ],
+        )
+    };
+    let cluster = Cluster::start(system, nodes, o, &[]).await?;
+    let urls = cluster.urls();
+    let mut steps = Vec::new();
+    for rate in rates {
+        let r = scenarios::fanout(
+            &urls,
+            Fanout {
+                connections,
+                senders,
+                rate,
+                seconds,
+            },
+        )
+        .await?;
+        println!("{}", fanout_line(system, nodes, &r));
+        let ok = passes(&r);
+        steps.push(r);
+        if !ok {
+            break;
+        }
+    }
+    cluster.stop().await?;
+    Ok(steps)
+}
+
+/// The best passing step's deliveries/s (0 when none passed).
+fn best(steps: &[FanoutResult]) -> f64 {
+    steps
+        .iter()
+        .filter(|r| passes(r))
+        .map(|r| r.deliveries_per_s)
+        .fold(0.0, f64::max)
+}
+
+async fn connect_memory(system: System, o: &Options) -> anyhow::Result<f64> {
+    let n = if o.quick {
+        200
+    } else {
+        o.connections.max(2000)
+    };
+    let cluster = Cluster::start(system, 1, o, &[]).await?;
+    let (before, after, per) = scenarios::connect(&cluster.servers[0], n).await?;
+    println!(
+        "{:<9} connect: {n} idle websockets, RSS {:.1} MB -> {:.1} MB: {:.1} KB per connection",
+        system.name(),
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        per / 1024.0
+    );
+    cluster.stop().await?;
+    Ok(per)
+}
+
+async fn store_rate(system: System, o: &Options) -> anyhow::Result<f64> {
+    let (senders, window, seconds) = if o.quick { (2, 32, 1.0) } else { (6, 128, 5.0) };
+    let cluster = Cluster::start(system, o.nodes, o, &[]).await?;
+    let rate = scenarios::store(&cluster.urls(), senders, window, seconds).await?;
+    println!(
+        "{:<9} store: {senders} senders x {window} in flight on {} nodes: {rate:.0} stored msg/s",
+        system.name(),
+        o.nodes
+    );
+    cluster.stop().await?;
+    Ok(rate)
+}
+
+/// Recovery rates: (from the stream, from the database); the baseline has only the database.
+async fn replay(system: System, o: &Options) -> anyhow::Result<(Option<f64>, f64)> {
+    let n = if o.quick { 2_000 } else { o.messages };
+    // Recoveries must come from the stream or the database, not a node's memory.
+    let extra = [
+        ("CHAT__FEED__RING_CAPACITY", "64"),
+        ("CHAT__STREAM__MAX_LEN", "10000000"),
+    ];
+    let cluster = Cluster::start(system, 1, o, &extra).await?;
+    let url = cluster.urls()[0].clone();
+    // One more than recovered: offset 0 would mean a new client, which gets only the newest
+    // history; the recovering client says it saw the first one.
+    let (first, last) = scenarios::seed(&url, n + 1).await?;
+    let port = cluster.servers[0].port;
+    let (stream, database) = match system {
+        System::Chorus => {
+            let stream =
+                recovered_from(port, "stream", scenarios::recover(&url, first, last)).await?;
+            // A node on another Redis prefix has an empty stream: the database serves.
+            let db = cluster.db.as_ref().context("database")?;
+            let other = Server::start(
+                system,
+                &o.services,
+                Some(db),
+                &format!("bench_empty_{}", std::process::id()),
+                &extra,
+            )
+            .await?;
+            let database = recovered_from(
+                other.port,
+                "database",
+                scenarios::recover(&other.url, first, last),
+            )
+            .await?;
+            other.stop().await;
+            (Some(stream), database)
+        }
+        _ => (None, scenarios::recover(&url, first, last).await?),
+    };
+    println!(
+        "{:<9} replay of {n}: stream {} msg/s, database {database:.0} msg/s",
+        system.name(),
+        stream.map_or("-".into(), |s| format!("{s:.0}")),
+    );
+    cluster.stop().await?;
+    Ok((stream, database))
+}
+
+/// Runs a chorus recovery and checks from `/metrics` that it started from `source`.
+async fn recovered_from(
+    port: u16,
+    source: &str,
+    recovery: impl Future<Output = anyhow::Result<f64>>,
+) -> anyhow::Result<f64> {
+    let count = || async move {
+        let (_, body) = servers::get(port, "/metrics").await?;
+        let label = format!("source=\"{source}\"");
+        body.lines()
+            .find(|l| l.starts_with("chorus_replays_total{") && l.contains(&label))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .context("chorus_replays_total")
+    };
+    let before = count().await?;
+    let rate = recovery.await?;
+    ensure!(
+        count().await? == before + 1.0,
+        "the recovery did not start from the {source}"
+    );
+    Ok(rate)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.1}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn results_dir() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Writes the ramp steps as CSV and as an SVG plot of p99 latency against deliveries/s.
+fn write_ramps(ramps: &[(System, usize, Vec<FanoutResult>)], quick: bool) -> anyhow::Result<()> {
+    let suffix = if quick { "-quick" } else { "" };
+    let dir = results_dir()?;
+    let mut csv = String::from(
+        "system,nodes,connections,senders,rate_per_sender,deliveries_per_s,p50_ms,p95_ms,p99_ms,max_ms,ack_p99_ms,lost,duplicated,out_of_order,reordered,generator_cpu\n",
+    );
+    for (system, nodes, steps) in ramps {
+        for r in steps {
+            writeln!(
+                csv,
+                "{},{nodes},{},{},{},{:.0},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{},{},{:.2}",
+                system.name(),
+                r.params.connections,
+                r.params.senders,
+                r.params.rate,
+                r.deliveries_per_s,
+                r.latency_ms.p50,
+                r.latency_ms.p95,
+                r.latency_ms.p99,
+                r.latency_ms.max,
+                r.ack_ms.p99,
+                r.lost,
+                r.duplicated,
+                r.out_of_order,
+                r.reordered,
+                r.generator_cpu
+            )?;
+        }
+    }
+    std::fs::write(dir.join(format!("ramp{suffix}.csv")), csv)?;
+    std::fs::write(dir.join(format!("ramp{suffix}.svg")), svg(ramps))?;
+    Ok(())
+}
+
+/// A log-scale plot: x deliveries/s, y p99 latency (ms), one line per system and node count.
+fn svg(ramps: &[(System, usize, Vec<FanoutResult>)]) -> String {
+    let (w, h, left, bottom, top, right) = (760.0, 440.0, 70.0, 50.0, 30.0, 170.0);
+    let points = ramps.iter().flat_map(|(_, _, s)| s.iter());
+    let max_x = points
+        .clone()
+        .map(|r| r.deliveries_per_s)
+        .fold(1.0, f64::max)
+        * 1.1;
+    let (min_y, max_y) = (
+        1.0f64,
+        points.map(|r| r.latency_ms.p99).fold(100.0, f64::max) * 1.5,
+    );
+    let x = |v: f64| left + v / max_x * (w - left - right);
+    let y = |v: f64| {
+        let t = (v.max(min_y).ln() - min_y.ln()) / (max_y.ln() - min_y.ln());
+        h - bottom - t * (h - bottom - top)
+    };
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let _ = writeln!(
+        out,
+        "<text x=\"{left}\" y=\"18\" font-size=\"14\">p99 delivery latency against deliveries/s (fanout ramp)</text>"
+    );
+    let _ = writeln!(
+        out,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom,
+        w - right,
+        h - bottom
+    );
+    let _ = writeln!(
+        out,
+        "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom
+    );
+    for i in 0..=5 {
+        let v = max_x * f64::from(i) / 5.0;
+        let _ = writeln!(
+            out,
+            "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">{:.0}k</text>",
+            x(v),
+            h - bottom + 18.0,
+            v / 1000.0
+        );
+    }
+    for v in [1.0, 10.0, 50.0, 100.0, 1000.0, 10000.0]
+        .into_iter()
+        .filter(|v| *v <= max_y)
+    {
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{:.0}\" text-anchor=\"end\">{v} ms</text>",
+            left - 6.0,
+            y(v) + 4.0
+        );
+        let dash = if v == 50.0 {
+            " stroke-dasharray=\"4 3\" stroke=\"red\""
+        } else {
+            " stroke=\"#ddd\""
+        };
+        let _ = writeln!(
+            out,
+            "<line x1=\"{left}\" y1=\"{:.0}\" x2=\"{}\" y2=\"{:.0}\"{dash}/>",
+            y(v),
+            w - right,
+            y(v)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">deliveries/s</text>",
+        (left + w - right) / 2.0,
+        h - 10.0
+    );
+    let colors = ["#1b6ac9", "#7fb2f0", "#d9480f", "#f5a46c", "#666", "#aaa"];
+    for (i, (system, nodes, steps)) in ramps.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let path: Vec<String> = steps
+            .iter()
+            .map(|r| format!("{:.1},{:.1}", x(r.deliveries_per_s), y(r.latency_ms.p99)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            path.join(" ")
+        );
+        for p in &path {
+            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(
+                out,
+                "<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{color}\"/>"
+            );
+        }
+        let ly = top + 20.0 + 18.0 * i as f64;
+        let _ = writeln!(
+            out,
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{} ({nodes} node{})</text>",
+            w - right + 10.0,
+            w - right + 30.0,
+            w - right + 36.0,
+            ly + 4.0,
+            system.name(),
+            if *nodes == 1 { "" } else { "s" }
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+async fn all(o: &Options) -> anyhow::Result<()> {
+    let mut ramps = Vec::new();
+    for system in [System::Trivial, System::Chorus, System::Baseline] {
+        let node_counts: &[usize] = if system == System::Trivial {
+            &[1]
+        } else {
+            &[1, 3]
+        };
+        for &nodes in node_counts {
+            ramps.push((system, nodes, ramp(system, nodes, o).await?));
+        }
+    }
+    write_ramps(&ramps, o.quick)?;
+    let best_of = |s: System, n: usize| {
+        ramps
+            .iter()
+            .find(|(sy, no, _)| *sy == s && *no == n)
+            .map_or(0.0, |(_, _, st)| best(st))
+    };
+    let mem = (
+        connect_memory(System::Chorus, o).await?,
+        connect_memory(System::Baseline, o).await?,
+    );
+    let stored = (
+        store_rate(System::Chorus, o).await?,
+        store_rate(System::Baseline, o).await?,
+    );
+    let (c_replay, b_replay) = (
+        replay(System::Chorus, o).await?,
+        replay(System::Baseline, o).await?,
+    );
+
+    let rows: Vec<(&str, f64, f64, String)> = vec![
+        (
+            "deliveries/s, p99<50ms, 0 lost, 3 nodes",
+            best_of(System::Chorus, 3),
+            best_of(System::Baseline, 3),
+            String::new(),
+        ),
+        (
+            "deliveries/s, p99<50ms, 0 lost, 1 node",
+            best_of(System::Chorus, 1),
+            best_of(System::Baseline, 1),
+            String::new(),
+        ),
+        (
+            "server KB per idle websocket",
+            mem.0 / 1024.0,
+            mem.1 / 1024.0,
+            "(lower is better)".into(),
+        ),
+        ("stored msg/s, 3 nodes", stored.0, stored.1, String::new()),
+        (
+            "replay msg/s from the stream",
+            c_replay.0.unwrap_or(0.0),
+            0.0,
+            "(baseline: no stream)".into(),
+        ),
+        (
+            "replay msg/s from the database",
+            c_replay.1,
+            b_replay.1,
+            String::new(),
+        ),
+    ];
+    println!();
+    println!(
+        "{:<42} {:>12} {:>12} {:>8}",
+        "", "chorus", "baseline", "ratio"
+    );
+    for (name, c, b, note) in &rows {
+        println!("{name:<42} {c:>12.0} {b:>12.0} {:>8} {note}", ratio(*c, *b));
+    }
+    println!(
+        "generator ceiling (trivial in-memory server, 1 node): {:.0} deliveries/s",
+        best_of(System::Trivial, 1)
+    );
+    // Lost, duplicated, out-of-order and reordered deliveries over every ramp step.
+    let violations = |s: System| -> u64 {
+        ramps
+            .iter()
+            .filter(|(sy, _, _)| *sy == s)
+            .flat_map(|(_, _, steps)| steps)
+            .map(|r| r.lost + r.duplicated + r.out_of_order + r.reordered)
+            .sum()
+    };
+    let summary = json!({
+        "scenario": "all",
+        "violations": { "chorus": violations(System::Chorus), "baseline": violations(System::Baseline) },
+        "quick": o.quick,
+        "deliveries_3_nodes": { "chorus": best_of(System::Chorus, 3), "baseline": best_of(System::Baseline, 3) },
+        "deliveries_1_node": { "chorus": best_of(System::Chorus, 1), "baseline": best_of(System::Baseline, 1) },
+        "generator_ceiling": best_of(System::Trivial, 1),
+        "bytes_per_idle_connection": { "chorus": mem.0, "baseline": mem.1 },
+        "stored_per_s": { "chorus": stored.0, "baseline": stored.1 },
+        "replay_per_s": { "chorus_stream": c_replay.0, "chorus_database": c_replay.1, "baseline_database": b_replay.1 },
+    });
+    println!("{summary}");
+    let suffix = if o.quick { "-quick" } else { "" };
+    std::fs::write(
+        results_dir()?.join(format!("summary{suffix}.json")),
+        format!("{summary:#}\n"),
+    )?;
+    Ok(())
+}
+
+/// A Socket.IO server that only broadcasts: no storage, no ordering, no checks.
+async fn trivial_server() -> anyhow::Result<()> {
+    use axum::serve::ListenerExt;
+    use socketioxide::{
+        SocketIo,
+        extract::{AckSender, Data, SocketRef},
+    };
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let port: u16 = std::env::var("PORT")
+        .unwrap_or_else(|_| "3000".into())
+        .parse()?;
+    let (layer, io) = SocketIo::builder().build_layer();
+    let counter = Arc::new(AtomicI64::new(0));
+    let io2 = io.clone();
+    io.ns("/", move |socket: SocketRef| {
+        let (counter, io) = (counter.clone(), io2.clone());
+        socket.on(
+            "chat message",
+            move |Data((content, _)): Data<(String, String)>, ack: AckSender| {
+                let (counter, io) = (counter.clone(), io.clone());
+                async move {
+                    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                    // The in-memory adapter's broadcast is a future too; it must be awaited.
+                    let _ = io.emit("chat message", &(content, n)).await;
+                    let _ = ack.send(&());
+                }
+            },
+        );
+        std::future::ready(())
+    });
+    let app = axum::Router::new()
+        .route("/readyz", axum::routing::get(|| async { "ready" }))
+        .layer(layer);
+    // TCP_NODELAY, as chorus and Node.js set it: small frames are not held back.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await?
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = options()?;
+    match o.scenario.as_str() {
+        "all" => all(&o).await,
+        "ramp" => {
+            let steps = ramp(o.system, o.nodes, &o).await?;
+            println!("best: {:.0} deliveries/s", best(&steps));
+            Ok(())
+        }
+        "fanout" => {
+            let cluster = Cluster::start(o.system, o.nodes, &o, &[]).await?;
+            let params = Fanout {
+                connections: o.connections,
+                senders: o.senders,
+                rate: o.rate,
+                seconds: o.seconds,
+            };
+            let r = scenarios::fanout(&cluster.urls(), params).await?;
+            println!("{}", fanout_line(o.system, o.nodes, &r));
+            println!("{}", serde_json::to_string(&r)?);
+            cluster.stop().await
+        }
+        "connect" => connect_memory(o.system, &o).await.map(|_| ()),
+        "store" => store_rate(o.system, &o).await.map(|_| ()),
+        "replay" => {
+            let (stream, database) = replay(o.system, &o).await?;
+            println!(
+                "{}",
+                json!({ "scenario": "replay", "system": o.system.name(), "messages": o.messages, "stream_msgs_per_s": stream, "database_msgs_per_s": database })
+            );
+            Ok(())
+        }
+        "trivial-server" => trivial_server().await,
+        other => bail!("unknown scenario {other:?}\n{USAGE}"),
+    }
+}
