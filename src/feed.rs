@@ -237,9 +237,10 @@ impl Feed {
                         Err(SinkError::Closed) => return,
                     }
                 }
+                self.inner.metrics.replay_read(ReplaySource::Memory);
                 self.inner
                     .metrics
-                    .replay_page(ReplaySource::Memory, (sub.cursor - after) as u64);
+                    .replayed(ReplaySource::Memory, (sub.cursor - after) as u64);
             } else {
                 sub.live = false;
             }
@@ -309,7 +310,10 @@ impl Feed {
                 (sink, cursor, from_ring)
             };
             let (page, source) = match from_ring {
-                Some(page) => (page, ReplaySource::Memory),
+                Some(page) => {
+                    self.inner.metrics.replay_read(ReplaySource::Memory);
+                    (page, ReplaySource::Memory)
+                }
                 None => match self.next_page(&id, cursor, prefetched.take()).await {
                     Ok(found) => found,
                     Err(error) => {
@@ -352,9 +356,7 @@ impl Feed {
                     }
                 }
             }
-            self.inner
-                .metrics
-                .replay_page(source, (last - cursor) as u64);
+            self.inner.metrics.replayed(source, (last - cursor) as u64);
             self.inner
                 .metrics
                 .deliveries
@@ -394,6 +396,7 @@ impl Feed {
     /// not hold `cursor + 1` (or cannot be read).
     async fn page_after(&self, id: &str, cursor: i64) -> PageResult {
         let page_size = self.inner.options.page_size;
+        self.inner.metrics.replay_read(ReplaySource::Stream);
         match self.inner.log.read_after(cursor, page_size).await {
             Ok(page) if !page.is_empty() => return Ok((page, ReplaySource::Stream)),
             Ok(_) => {}
@@ -402,6 +405,7 @@ impl Feed {
                 tracing::debug!(error = %error, subscriber = %id, "recovery log unreadable; reading the store");
             }
         }
+        self.inner.metrics.replay_read(ReplaySource::Database);
         let rows = self.inner.store.read_after(cursor, page_size).await?;
         Ok((
             rows.into_iter().map(Arc::new).collect(),

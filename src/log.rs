@@ -236,6 +236,8 @@ async fn appender(
     let mut trim = tokio::time::interval(trim_every);
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let max_len = i64::try_from(retention.max_len).unwrap_or(i64::MAX);
+    // Logged when appends start and stop failing, not for every batch while Redis is down.
+    let mut failing = false;
     loop {
         let first = tokio::select! {
             biased;
@@ -253,7 +255,15 @@ async fn appender(
                 Err(_) => break,
             }
         }
-        append_batch(&client, &key, &batch, max_len, &metrics).await;
+        let ok = append_batch(&client, &key, &batch, max_len, &metrics).await;
+        if ok == failing {
+            failing = !ok;
+            if failing {
+                tracing::warn!("stream appends failing; reconnects read the database meanwhile");
+            } else {
+                tracing::info!("stream appends work again");
+            }
+        }
         let now = Instant::now();
         if let Some(last) = batch.last()
             && released_at
@@ -265,14 +275,15 @@ async fn appender(
     }
 }
 
-/// One pipelined round trip of `XADD key MAXLEN ~ max_len {offset}-0 c content`.
+/// One pipelined round trip of `XADD key MAXLEN ~ max_len {offset}-0 c content`; false when
+/// an append failed (other than being refused because another node appended it first).
 async fn append_batch(
     client: &Client,
     key: &str,
     batch: &[Arc<Message>],
     max_len: i64,
     metrics: &Metrics,
-) {
+) -> bool {
     let pipeline = client.pipeline();
     for message in batch {
         let queued = match XCap::try_from((XCapKind::MaxLen, XCapTrim::AlmostExact, max_len)) {
@@ -293,21 +304,22 @@ async fn append_batch(
             tracing::warn!(error = %error, "could not queue a stream append");
         }
     }
-    let mut failed = 0usize;
+    let mut failed = false;
     for result in pipeline.try_all::<Value>().await {
         // Another node appended this offset first: the normal case, not an error.
         if let Err(error) = result
             && !error.details().contains("equal or smaller")
         {
-            failed += 1;
-            if failed == 1 {
-                tracing::warn!(error = %error, "stream append failed; reconnects read the database meanwhile");
+            if !failed {
+                tracing::debug!(error = %error, "stream append failed");
             }
+            failed = true;
         }
     }
-    if failed > 0 {
+    if failed {
         metrics.error(ErrorKind::Bus);
     }
+    !failed
 }
 
 /// Trims entries released more than `max_age` ago (by this node's clock of releases).

@@ -83,9 +83,13 @@ impl Metrics {
         self.replays[source as usize].load(Relaxed)
     }
 
-    /// Counts one page of `messages` replayed from `source`.
-    pub fn replay_page(&self, source: ReplaySource, messages: u64) {
+    /// Counts one page read for a replay from `source` (for the database, one query).
+    pub fn replay_read(&self, source: ReplaySource) {
         self.replay_reads[source as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts `messages` sent by a replay from `source`.
+    pub fn replayed(&self, source: ReplaySource, messages: u64) {
         self.replayed_messages[source as usize].fetch_add(messages, Relaxed);
     }
 

@@ -415,11 +415,33 @@ pub async fn recover(url: &str, after: i64, last: i64) -> anyhow::Result<f64> {
 }
 
 /// Sends `n` messages through `url` (128 in flight) and returns the offsets they got, from a
-/// watcher connected before.
+/// watcher connected before that reads while the messages are sent.
 pub async fn seed(url: &str, n: u64) -> anyhow::Result<(i64, i64)> {
-    let mut watcher = Conn::connect(url, None).await?;
-    let mut conn = Conn::connect(url, None).await?;
     let run = format!("seed{}", now_micros());
+    let mut watcher = Conn::connect(url, None).await?;
+    let watch = tokio::spawn({
+        let run = run.clone();
+        async move {
+            let (mut first, mut last, mut got) = (None, 0, 0);
+            while got < n {
+                let frame = tokio::time::timeout(Duration::from_secs(60), watcher.next())
+                    .await
+                    .context("seed messages did not arrive")??
+                    .context("watcher closed")?;
+                if let Message::Text(text) = &frame
+                    && let Frame::Chat(content, offset) = parse(text)
+                    && content.starts_with(&run)
+                {
+                    first.get_or_insert(offset);
+                    last = offset;
+                    got += 1;
+                }
+            }
+            watcher.close().await;
+            anyhow::Ok((first.context("nothing seeded")?, last))
+        }
+    });
+    let mut conn = Conn::connect(url, None).await?;
     let (mut sent, mut acked, mut in_flight) = (0u64, 0u64, 0usize);
     while acked < n {
         while in_flight < 128 && sent < n {
@@ -440,22 +462,6 @@ pub async fn seed(url: &str, n: u64) -> anyhow::Result<(i64, i64)> {
             acked += 1;
         }
     }
-    let (mut first, mut last, mut got) = (None, 0, 0);
-    while got < n {
-        let frame = tokio::time::timeout(Duration::from_secs(30), watcher.next())
-            .await
-            .context("seed messages did not arrive")??
-            .context("watcher closed")?;
-        if let Message::Text(text) = &frame
-            && let Frame::Chat(content, offset) = parse(text)
-            && content.starts_with(&run)
-        {
-            first.get_or_insert(offset);
-            last = offset;
-            got += 1;
-        }
-    }
     conn.close().await;
-    watcher.close().await;
-    Ok((first.context("nothing seeded")?, last))
+    watch.await.context("watcher task")?
 }
