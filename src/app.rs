@@ -192,7 +192,8 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
             // the old one; until the old task has processed that QUIT, fred only buffers new
             // commands without flushing them, so the adapter's first SSUBSCRIBE could sit
             // unsent until it timed out (about one start in 250, more under CPU load).
-            let (subscriber, connections) = connector.unconnected_subscriber()?;
+            // Adapter requests between nodes are rare and taken at once by the driver's task.
+            let (subscriber, connections) = connector.unconnected_subscriber(1024)?;
             let config = RedisAdapterConfig::new()
                 .with_prefix(format!("{}:socket.io", settings.redis.prefix))
                 .with_request_timeout(ms(settings.redis.command_timeout_ms));

@@ -35,6 +35,10 @@ pub enum BusError {
     Redis(#[from] fred::error::Error),
 }
 
+/// Messages the bus subscriber holds before the receiving task takes them; a burst beyond it
+/// loses messages on the bus, which the feed's gap fill then reads from the store.
+const BUS_CHANNEL_CAPACITY: usize = 16_384;
+
 /// Builds fred clients with the settings every connection of a node shares.
 #[derive(Clone)]
 pub struct RedisConnector {
@@ -43,8 +47,8 @@ pub struct RedisConnector {
 
 impl RedisConnector {
     /// Prepares clients for `url`: RESP3 (the Socket.IO adapter needs it), a command timeout
-    /// (so nothing hangs while Redis is down), endless reconnects, and a pub/sub channel large
-    /// enough that bursts are not dropped (fred's default holds 32 messages).
+    /// (so nothing hangs while Redis is down) and endless reconnects. Subscriber clients get a
+    /// larger pub/sub channel (see [`RedisConnector::subscriber`]).
     pub fn new(url: &str, command_timeout: Duration) -> Result<Self, BusError> {
         let mut config = Config::from_url(url).map_err(BusError::Url)?;
         config.version = RespVersion::RESP3;
@@ -52,7 +56,6 @@ impl RedisConnector {
         builder
             .with_performance_config(|perf| {
                 perf.default_command_timeout = command_timeout;
-                perf.broadcast_channel_capacity = 65_536;
             })
             .with_connection_config(|conn| {
                 conn.connection_timeout = command_timeout;
@@ -72,13 +75,17 @@ impl RedisConnector {
         Ok(client)
     }
 
-    /// A connected subscriber client that re-subscribes after every reconnect.
+    /// A connected subscriber client that re-subscribes after every reconnect. `capacity` sizes
+    /// its pub/sub channel: messages beyond it that the reader has not taken yet are dropped
+    /// (fred's default holds 32). fred sizes about ten channels of each client with it, all
+    /// allocated up front, so it is set per client rather than for every client.
     pub async fn subscriber(
         &self,
+        capacity: usize,
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<SubscriberClient, BusError> {
-        let (client, connections) = self.unconnected_subscriber()?;
+        let (client, connections) = self.unconnected_subscriber(capacity)?;
         client.init().await?;
         connections.keep_subscribed(&client, tasks, cancel).await;
         Ok(client)
@@ -88,8 +95,13 @@ impl RedisConnector {
     /// adapter's driver calls `init`; a second `init` on a connected client can leave its next
     /// command unsent, see `app::build`). Once it is connected, hand it to
     /// [`Connections::keep_subscribed`].
-    pub fn unconnected_subscriber(&self) -> Result<(SubscriberClient, Connections), BusError> {
-        let client = self.builder.build_subscriber_client()?;
+    pub fn unconnected_subscriber(
+        &self,
+        capacity: usize,
+    ) -> Result<(SubscriberClient, Connections), BusError> {
+        let mut builder = (*self.builder).clone();
+        builder.with_performance_config(|perf| perf.broadcast_channel_capacity = capacity);
+        let client = builder.build_subscriber_client()?;
         // fred announces every connection, the first one too: listen before connecting so the
         // first announcement is surely the initial connection, which needs no re-subscribing.
         let connections = Connections(client.reconnect_rx());
@@ -192,7 +204,9 @@ impl Bus {
         cancel: CancellationToken,
     ) -> Result<Self, BusError> {
         let channel: Arc<str> = format!("{prefix}:messages").into();
-        let subscriber = connector.subscriber(tasks, cancel.clone()).await?;
+        let subscriber = connector
+            .subscriber(BUS_CHANNEL_CAPACITY, tasks, cancel.clone())
+            .await?;
         let messages = subscriber.message_rx();
         subscriber.subscribe(&*channel).await?;
         tasks.spawn(receive(
