@@ -171,11 +171,6 @@ impl StreamLog {
             metrics,
         }
     }
-
-    /// The stream's key.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
 }
 
 impl RecoveryLog for StreamLog {

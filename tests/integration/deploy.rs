@@ -8,8 +8,8 @@ use chorus::client::Client;
 use serde_json::json;
 
 use crate::{
-    support::{REDIS, TestDb, require_redis, unique},
-    topology::{Lb, Loaded, NodeSetup, free_port, try_get},
+    support::{REDIS, TestDb, require_redis, try_get, unique},
+    topology::{Lb, Loaded, NodeSetup, free_port},
 };
 
 const T: Duration = Duration::from_secs(10);

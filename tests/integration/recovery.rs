@@ -13,7 +13,8 @@ use fred::{
 use serde_json::json;
 
 use crate::support::{
-    Node, PrivateRedis, REDIS, TestDb, require_redis, settings_with, stop_all, unique, wait_for,
+    Node, PrivateRedis, REDIS, TestDb, recover, require_redis, settings_with, stop_all, unique,
+    wait_for,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -41,27 +42,6 @@ async fn send(url: &str, n: i64) {
         }
     }
     sender.close().await;
-}
-
-/// Reconnects to `url` having seen `after`, and requires `after+1..=head` in order, each
-/// message once (sends were concurrent, so offsets and `m{i}` names need not match).
-async fn recover(url: &str, after: i64, head: i64) {
-    let mut client = Client::connect(url, Some(json!({ "serverOffset": after })))
-        .await
-        .expect("connect");
-    let mut seen = std::collections::HashSet::new();
-    for expected in after + 1..=head {
-        let (content, offset) = client
-            .next_chat_message(T)
-            .await
-            .unwrap_or_else(|e| panic!("message {expected} of the recovery: {e}"));
-        assert_eq!(offset, expected, "recovered in order, no gap, no duplicate");
-        assert!(
-            content.starts_with('m') && seen.insert(content.clone()),
-            "{content} twice"
-        );
-    }
-    client.close().await;
 }
 
 /// A Redis client of the test's own.

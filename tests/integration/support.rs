@@ -176,54 +176,79 @@ impl Node {
         }
     }
 
-    /// The node's `/metrics` value of `name`, written without the node label, e.g.
-    /// `chorus_replays_total{source="database"}`.
+    /// The node's `/metrics` value of `name` (see [`metric`]).
     pub async fn metric(&self, name: &str) -> f64 {
-        let body = http_get(self.addr, "/metrics").await.1;
-        for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let Some((key, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let key = match key.split_once("node=\"") {
-                Some((metric, rest)) => {
-                    let rest = rest.split_once('"').map(|(_, r)| r).unwrap_or("");
-                    let rest = rest.trim_start_matches(',');
-                    if rest == "}" {
-                        metric.trim_end_matches('{').to_owned()
-                    } else {
-                        format!("{metric}{rest}")
-                    }
-                }
-                None => key.to_owned(),
-            };
-            if key == name {
-                return value.parse().expect("numeric metric");
-            }
-        }
-        panic!("metric {name} not found in:\n{body}")
+        metric(self.addr.port(), name).await
     }
 }
 
-/// A minimal HTTP/1.1 GET: (status, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::AsyncReadExt;
-    let mut stream = TcpStream::connect(addr).await.expect("connect for GET");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
+/// The `/metrics` value of `name` from the node on `port`, written without the node label, e.g.
+/// `chorus_replays_total{source="database"}` or `chorus_connections`.
+pub async fn metric(port: u16, name: &str) -> f64 {
+    let (_, body) = try_get(port, "/metrics")
         .await
-        .expect("write GET");
+        .unwrap_or_else(|| panic!("nothing serves /metrics on port {port}"));
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let key = match key.split_once("node=\"") {
+            Some((metric, rest)) => {
+                let rest = rest.split_once('"').map(|(_, r)| r).unwrap_or("");
+                let rest = rest.trim_start_matches(',');
+                if rest == "}" {
+                    metric.trim_end_matches('{').to_owned()
+                } else {
+                    format!("{metric}{rest}")
+                }
+            }
+            None => key.to_owned(),
+        };
+        if key == name {
+            return value.parse().expect("numeric metric");
+        }
+    }
+    panic!("metric {name} not found in:\n{body}")
+}
+
+/// A minimal HTTP/1.1 GET: (status, body); fails the test when nothing answers.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_get(addr.port(), path)
+        .await
+        .unwrap_or_else(|| panic!("GET {path} on {addr} got no answer"))
+}
+
+/// `(status, body)` of a GET to `127.0.0.1:{port}`, or `None` when nothing answers.
+pub async fn try_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await.expect("read GET");
+    stream.read_to_end(&mut buf).await.ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
+    let status = text.split(' ').nth(1)?.parse().ok()?;
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
+    Some((status, body))
+}
+
+/// Reconnects to `url` having seen `after`, and requires `after+1..=head` in order, each message
+/// once; the rest of the recovery, if any, is left unread.
+pub async fn recover(url: &str, after: i64, head: i64) {
+    let mut client =
+        chorus::client::Client::connect(url, Some(serde_json::json!({ "serverOffset": after })))
+            .await
+            .expect("connect");
+    let mut seen = std::collections::HashSet::new();
+    for expected in after + 1..=head {
+        let (content, offset) = client
+            .next_chat_message(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("message {expected} of the recovery: {e}"));
+        assert_eq!(offset, expected, "recovered in order, no gap, no duplicate");
+        assert!(seen.insert(content.clone()), "{content} twice");
+    }
+    client.close().await;
 }
 
 /// Stops every node gracefully.

@@ -12,13 +12,12 @@ use std::{
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
     process::{Child, ChildStdin, Command},
     sync::mpsc,
     task::JoinHandle,
 };
 
-use crate::support::{TestDb, unique, wait_for};
+use crate::support::{TestDb, metric, try_get, unique, wait_for};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -26,20 +25,6 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
     listener.local_addr().expect("local addr").port()
-}
-
-/// `(status, body)` of a GET, or `None` when nothing answers.
-pub async fn try_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::AsyncReadExt;
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    Some((status, body))
 }
 
 /// Sends `signal` (a `kill` signal name) to `pid`.
@@ -164,24 +149,12 @@ impl ProcNode {
 
     /// The node's `chorus_connections` gauge.
     pub async fn connections(&self) -> i64 {
-        self.metric("chorus_connections{").await as i64
+        self.metric("chorus_connections").await as i64
     }
 
-    /// The value of the first `/metrics` sample whose name and labels start with `prefix`
-    /// (the `node` label comes first, so `name{` picks an unlabelled metric).
-    pub async fn metric(&self, prefix: &str) -> f64 {
-        let (_, body) = try_get(self.port, "/metrics")
-            .await
-            .unwrap_or_else(|| panic!("{} does not serve /metrics", self.id));
-        let (name, labels) = prefix.split_once('{').unwrap_or((prefix, ""));
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find(|l| {
-                l.starts_with(&format!("{name}{{")) && (labels.is_empty() || l.contains(labels))
-            })
-            .and_then(|l| l.rsplit_once(' '))
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix} in /metrics of {}", self.id))
+    /// The node's `/metrics` value of `name` (see [`metric`]).
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(self.port, name).await
     }
 
     /// Is the process still running (not exited or crashed)?
@@ -574,7 +547,7 @@ impl Loaded {
         .await
         .expect("count rows");
         println!(
-            "{label}: sent={} acked={} stored={rows} clients={} delivered_per_client={} \
+            "{label}: sent={} acked={} stored={rows} clients={} each_saw={} \
              reconnects={} retries={} lost={} duplicated={} out_of_order={} gaps={} latency={}",
             result["sent"],
             result["acked"],
