@@ -13,6 +13,7 @@ use socketioxide::{SocketIo, SocketIoBuilder};
 use socketioxide_redis::{FredAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
 
 use crate::{
     bus::{Bus, BusError, RedisConnector},
@@ -184,7 +185,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         None => {
             let (svc, io) = builder.build_svc();
             chat::register(&io, chat);
-            (routes.fallback_service(svc), closer(io))
+            (routes.fallback_service(svc.map_request(http::own_head)), closer(io))
         }
         Some(connector) => {
             // The adapter's driver connects the client itself (it calls `init`), so it gets the
@@ -210,7 +211,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
                 Ok(Err(e)) => return Err(StartError::Adapter(e.to_string())),
                 Err(_) => return Err(StartError::Adapter("timed out".into())),
             }
-            (routes.fallback_service(svc), closer(io))
+            (routes.fallback_service(svc.map_request(http::own_head)), closer(io))
         }
     };
 
@@ -234,6 +235,7 @@ fn socket_io_builder(settings: &Settings) -> SocketIoBuilder {
     let max_ws = usize::try_from(max_payload).unwrap_or(usize::MAX);
     SocketIo::builder()
         .max_buffer_size(settings.chat.max_buffer_size)
+        .ws_read_buffer_size(settings.chat.ws_read_buffer_bytes)
         .max_payload(max_payload)
         // socketioxide's payload limit covers polling only; websocket frames get their own
         .ws_max_message_size(max_ws)

@@ -46,6 +46,9 @@ pub struct ChatSettings {
     pub max_payload_bytes: u64,
     /// Packets socketioxide buffers per socket before `emit` reports the buffer full.
     pub max_buffer_size: usize,
+    /// Initial size of each websocket's read buffer; it grows for a larger frame. Every idle
+    /// connection holds it, and chat sends are small.
+    pub ws_read_buffer_bytes: usize,
     /// How long a socket whose buffer stays full is kept before it is disconnected.
     pub slow_consumer_timeout_ms: u64,
     /// Most sends of one socket waiting for their ack; more are refused as rate limited.
@@ -190,6 +193,7 @@ max_message_chars = 4096
 max_client_offset_chars = 128
 max_payload_bytes = 65536
 max_buffer_size = 1024
+ws_read_buffer_bytes = 1024
 slow_consumer_timeout_ms = 30000
 max_in_flight = 256
 
@@ -288,6 +292,9 @@ impl Settings {
         }
         if self.chat.max_in_flight == 0 {
             return invalid("chat.max_in_flight", "must be at least 1");
+        }
+        if self.chat.ws_read_buffer_bytes < 64 {
+            return invalid("chat.ws_read_buffer_bytes", "must be at least 64");
         }
         if self.chat.max_buffer_size < 16 {
             return invalid("chat.max_buffer_size", "must be at least 16");

@@ -11,7 +11,7 @@ use std::{
 use axum::{
     Router,
     extract::State,
-    http::{StatusCode, header},
+    http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, header},
     response::{Html, IntoResponse, Response},
     routing::get,
 };
@@ -101,4 +101,22 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
         state.metrics.render(&state.node_id),
     )
         .into_response()
+}
+
+/// Gives a request's head memory of its own. hyper parses a head in place, so its header values
+/// and URI are slices of the connection's read buffer (8 to 16 KB), and engineioxide keeps each
+/// socket's handshake head for the socket's whole life: without this copy, every idle socket
+/// pins that buffer. Copying costs a few hundred bytes once per request.
+pub fn own_head<B>(mut request: Request<B>) -> Request<B> {
+    let mut headers = HeaderMap::with_capacity(request.headers().len());
+    for (name, value) in request.headers() {
+        let mut owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        owned.set_sensitive(value.is_sensitive());
+        headers.append(name, owned);
+    }
+    *request.headers_mut() = headers;
+    if let Ok(uri) = Uri::try_from(request.uri().to_string()) {
+        *request.uri_mut() = uri;
+    }
+    request
 }
