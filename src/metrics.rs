@@ -53,6 +53,8 @@ pub struct Metrics {
     pub duplicates: AtomicU64,
     /// Store transactions this node committed (each holds a batch).
     pub store_batches: AtomicU64,
+    /// Microseconds the writer waited on store appends, committed or failed.
+    pub store_append_micros: AtomicU64,
     /// Messages that entered this node's ordered feed (from any node).
     pub feed_messages: AtomicU64,
     /// Messages emitted to local sockets, live or replayed.
@@ -191,6 +193,12 @@ impl Metrics {
             .collect();
         let errors: Vec<(&str, i128)> = errors.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         line("chorus_errors_total", "counter", "Errors by kind.", &errors);
+        out.push_str(&format!(
+            "# HELP chorus_store_append_seconds_total Time the writer waited on store appends.\n\
+             # TYPE chorus_store_append_seconds_total counter\n\
+             chorus_store_append_seconds_total{{node=\"{node}\"}} {}\n",
+            self.store_append_micros.load(Relaxed) as f64 / 1e6
+        ));
         out
     }
 }

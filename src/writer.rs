@@ -140,7 +140,10 @@ async fn commit(
     }
     drop(seen);
 
+    let started = std::time::Instant::now();
     let result = store.append(&unique).await;
+    let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    metrics.store_append_micros.fetch_add(waited, Relaxed);
     let results: Vec<Result<Appended, WriteError>> = match result {
         Ok(appended) => {
             metrics.store_batches.fetch_add(1, Relaxed);

@@ -25,7 +25,9 @@ scenarios:
   ramp           fanout at rising rates until p99 >= 50 ms or a message is lost (1 and 3 nodes)
   fanout         one fanout run: --connections C --senders S --rate R --seconds D
   connect        server memory per idle websocket connection (--connections N)
-  store          acked, stored messages/s with distinct client offsets
+  store          acked, stored messages/s with distinct client offsets, beside raw inserts
+  raw-inserts    rows/s of plain batched INSERTs (batches of 100, one connection): the database's
+                 own ceiling for the store scenario
   replay         one client recovering --messages N missed messages (stream, database)
   trivial-server a trivial in-memory Socket.IO broadcaster (the generator's ceiling); internal
 
@@ -292,6 +294,18 @@ async fn connect_memory(system: System, o: &Options) -> anyhow::Result<f64> {
     );
     cluster.stop().await?;
     Ok(per)
+}
+
+/// Rows/s of plain batched inserts on a fresh database: one connection, batches of 100, the
+/// same columns as chorus's messages, each batch its own autocommitted statement.
+async fn raw_insert_rate(o: &Options) -> anyhow::Result<f64> {
+    let seconds = if o.quick { 1.0 } else { 5.0 };
+    let db = Database::create(&o.services, "raw").await?;
+    let rate = scenarios::raw_inserts(&db.url, 100, seconds).await;
+    db.drop_now().await?;
+    let rate = rate?;
+    println!("postgres  raw inserts: batches of 100 on one connection: {rate:.0} rows/s");
+    Ok(rate)
 }
 
 async fn store_rate(system: System, o: &Options) -> anyhow::Result<f64> {
@@ -573,6 +587,7 @@ async fn all(o: &Options) -> anyhow::Result<()> {
         connect_memory(System::Chorus, o).await?,
         connect_memory(System::Baseline, o).await?,
     );
+    let raw = raw_insert_rate(o).await?;
     let stored = (
         store_rate(System::Chorus, o).await?,
         store_rate(System::Baseline, o).await?,
@@ -621,7 +636,15 @@ async fn all(o: &Options) -> anyhow::Result<()> {
             mem.1 / 1024.0,
             "(lower is better)".into(),
         ),
-        ("stored msg/s, 3 nodes", stored.0, stored.1, String::new()),
+        (
+            "stored msg/s, 3 nodes",
+            stored.0,
+            stored.1,
+            format!(
+                "(raw batched inserts {raw:.0} rows/s: chorus at {:.2}x of raw)",
+                stored.0 / raw
+            ),
+        ),
         (
             "replay msg/s from the stream",
             c_replay.0.unwrap_or(0.0),
@@ -674,7 +697,7 @@ async fn all(o: &Options) -> anyhow::Result<()> {
         "generator_ceiling_sustained": ceiling.0,
         "scheduling_jitter_ms": { "p50": jitter.0, "p99": jitter.1, "p999": jitter.2, "max": jitter.3 },
         "bytes_per_idle_connection": { "chorus": mem.0, "baseline": mem.1 },
-        "stored_per_s": { "chorus": stored.0, "baseline": stored.1 },
+        "stored_per_s": { "chorus": stored.0, "baseline": stored.1, "raw_batched_inserts": raw },
         "replay_per_s": { "chorus_stream": c_replay.0, "chorus_database": c_replay.1, "baseline_database": b_replay.1 },
     });
     println!("{summary}");
@@ -754,6 +777,7 @@ async fn main() -> anyhow::Result<()> {
         }
         "connect" => connect_memory(o.system, &o).await.map(|_| ()),
         "store" => store_rate(o.system, &o).await.map(|_| ()),
+        "raw-inserts" => raw_insert_rate(&o).await.map(|_| ()),
         "replay" => {
             let (stream, database) = replay(o.system, &o).await?;
             println!(

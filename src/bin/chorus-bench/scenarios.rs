@@ -362,7 +362,12 @@ pub async fn store(
                 if in_flight == 0 {
                     break;
                 }
-                let Some(frame) = conn.next().await? else {
+                // A server drops an ack it cannot queue (the client would retry); the bench
+                // does not retry, so it says so instead of waiting forever.
+                let frame = tokio::time::timeout(Duration::from_secs(15), conn.next())
+                    .await
+                    .context("no frame for 15 s with sends in flight: acks were dropped")??;
+                let Some(frame) = frame else {
                     break;
                 };
                 if let Message::Text(text) = &frame
@@ -387,6 +392,41 @@ pub async fn store(
         acked += t.context("store task")??;
     }
     Ok(acked as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Rows/s of plain inserts into a fresh table shaped like chorus's messages: one connection,
+/// `batch` rows per autocommitted statement, for `seconds`.
+pub async fn raw_inserts(url: &str, batch: usize, seconds: f64) -> anyhow::Result<f64> {
+    use sqlx::{Connection, PgConnection};
+    let mut conn = PgConnection::connect(url).await?;
+    sqlx::raw_sql(
+        "create table raw_messages (id bigserial primary key, client_offset text, content text)",
+    )
+    .execute(&mut conn)
+    .await?;
+    let run = now_micros();
+    let (mut rows, mut seq) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < seconds {
+        let offsets: Vec<String> = (seq..seq + batch as u64)
+            .map(|i| format!("{run}-{i}"))
+            .collect();
+        let contents: Vec<String> = (seq..seq + batch as u64)
+            .map(|i| format!("{run}|0|{i}|0"))
+            .collect();
+        rows += sqlx::query(
+            "insert into raw_messages (client_offset, content) select * from unnest($1::text[], $2::text[])",
+        )
+        .bind(offsets)
+        .bind(contents)
+        .execute(&mut conn)
+        .await?
+        .rows_affected();
+        seq += batch as u64;
+    }
+    let rate = rows as f64 / start.elapsed().as_secs_f64();
+    conn.close().await?;
+    Ok(rate)
 }
 
 /// One client that saw `after` reconnects and receives through `last`; messages per second.
