@@ -64,7 +64,11 @@ fn options() -> anyhow::Result<Options> {
         Some(s) => s,
         None => bail!("{USAGE}"),
     };
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The machine's CPUs, not this process's: under `taskset -c 1` (as scripts/bench runs it)
+    // `available_parallelism` says 1, and the servers would share the generator's CPU.
+    let cpus = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|info| info.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(1);
     let mut o = Options {
         scenario,
         system: System::Chorus,
