@@ -313,6 +313,8 @@ async fn raw_insert_rate(o: &Options) -> anyhow::Result<f64> {
 }
 
 async fn store_rate(system: System, o: &Options) -> anyhow::Result<f64> {
+    // Every sender also receives every stored message (it is a chat), so few senders with deep
+    // windows keep the generator's reading from becoming the limit.
     let (senders, window, seconds) = if o.quick { (2, 32, 1.0) } else { (6, 128, 5.0) };
     let cluster = Cluster::start(system, o.nodes, o, &[]).await?;
     let rate = scenarios::store(&cluster.urls(), senders, window, seconds).await?;
