@@ -300,8 +300,8 @@ async fn connect_memory(system: System, o: &Options) -> anyhow::Result<f64> {
     Ok(per)
 }
 
-/// Rows/s of plain batched inserts on a fresh database: one connection, batches of 100, the
-/// same columns as chorus's messages, each batch its own autocommitted statement.
+/// Rows/s of plain batched inserts on a fresh database: one connection, batches of 100, an id,
+/// client offset and content but no identity index, each batch its own autocommitted statement.
 async fn raw_insert_rate(o: &Options) -> anyhow::Result<f64> {
     let seconds = if o.quick { 1.0 } else { 5.0 };
     let db = Database::create(&o.services, "raw").await?;
@@ -313,8 +313,6 @@ async fn raw_insert_rate(o: &Options) -> anyhow::Result<f64> {
 }
 
 async fn store_rate(system: System, o: &Options) -> anyhow::Result<f64> {
-    // Every sender also receives every stored message (it is a chat), so few senders with deep
-    // windows keep the generator's reading from becoming the limit.
     let (senders, window, seconds) = if o.quick { (2, 32, 1.0) } else { (6, 128, 5.0) };
     let cluster = Cluster::start(system, o.nodes, o, &[]).await?;
     let rate = scenarios::store(&cluster.urls(), senders, window, seconds).await?;

@@ -394,8 +394,8 @@ pub async fn store(
     Ok(acked as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Rows/s of plain inserts into a fresh table shaped like chorus's messages: one connection,
-/// `batch` rows per autocommitted statement, for `seconds`.
+/// Rows/s of plain inserts into a fresh table with an id, client offset and content (a primary
+/// key, no identity index): one connection, `batch` rows per autocommitted statement.
 pub async fn raw_inserts(url: &str, batch: usize, seconds: f64) -> anyhow::Result<f64> {
     use sqlx::{Connection, PgConnection};
     let mut conn = PgConnection::connect(url).await?;
