@@ -185,7 +185,10 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         None => {
             let (svc, io) = builder.build_svc();
             chat::register(&io, chat);
-            (routes.fallback_service(svc.map_request(http::own_head)), closer(io))
+            (
+                routes.fallback_service(svc.map_request(http::own_head)),
+                closer(io),
+            )
         }
         Some(connector) => {
             // The adapter's driver connects the client itself (it calls `init`), so it gets the
@@ -211,7 +214,10 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
                 Ok(Err(e)) => return Err(StartError::Adapter(e.to_string())),
                 Err(_) => return Err(StartError::Adapter("timed out".into())),
             }
-            (routes.fallback_service(svc.map_request(http::own_head)), closer(io))
+            (
+                routes.fallback_service(svc.map_request(http::own_head)),
+                closer(io),
+            )
         }
     };
 
