@@ -120,3 +120,31 @@ pub fn own_head<B>(mut request: Request<B>) -> Request<B> {
     }
     request
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Bytes;
+
+    #[test]
+    fn own_head_keeps_nothing_of_the_read_buffer() {
+        // A head the way hyper hands it over: values and URI sliced out of one read buffer.
+        let buffer = Bytes::from_static(b"/socket.io/?EIO=4&transport=websocket io=abc");
+        let within = |p: *const u8| buffer.as_ptr_range().contains(&p);
+        let uri = Uri::from_maybe_shared(buffer.slice(..37)).unwrap();
+        let mut value = HeaderValue::from_maybe_shared(buffer.slice(38..)).unwrap();
+        value.set_sensitive(true);
+        let mut request = Request::builder().uri(uri).body(()).unwrap();
+        request.headers_mut().append(header::COOKIE, value);
+        assert!(within(request.headers()[header::COOKIE].as_bytes().as_ptr()));
+
+        let request = own_head(request);
+        let cookie = &request.headers()[header::COOKIE];
+        assert_eq!(cookie.as_bytes(), b"io=abc");
+        assert!(cookie.is_sensitive());
+        assert!(!within(cookie.as_bytes().as_ptr()));
+        let path = request.uri().path_and_query().unwrap().as_str();
+        assert_eq!(path, "/socket.io/?EIO=4&transport=websocket");
+        assert!(!within(path.as_ptr()));
+    }
+}
