@@ -136,7 +136,9 @@ mod tests {
         value.set_sensitive(true);
         let mut request = Request::builder().uri(uri).body(()).unwrap();
         request.headers_mut().append(header::COOKIE, value);
-        assert!(within(request.headers()[header::COOKIE].as_bytes().as_ptr()));
+        assert!(within(
+            request.headers()[header::COOKIE].as_bytes().as_ptr()
+        ));
 
         let request = own_head(request);
         let cookie = &request.headers()[header::COOKIE];
