@@ -19,10 +19,10 @@ use std::{
 
 use fred::{
     clients::Client,
-    interfaces::StreamsInterface,
+    interfaces::{LuaInterface, StreamsInterface},
     types::{
         Value,
-        streams::{XCap, XCapKind, XCapTrim, XID},
+        streams::{XCap, XCapKind, XCapTrim},
     },
 };
 use futures_util::future::BoxFuture;
@@ -136,9 +136,9 @@ pub struct StreamLog {
     metrics: Arc<Metrics>,
 }
 
-/// The one field of each stream entry.
+/// The one field of each stream entry (the append script writes it as `c`).
 const CONTENT: &str = "c";
-/// Most messages per pipelined round trip of appends.
+/// Most messages per append command.
 const APPEND_BATCH: usize = 1024;
 
 impl StreamLog {
@@ -233,6 +233,7 @@ async fn appender(
     let max_len = i64::try_from(retention.max_len).unwrap_or(i64::MAX);
     // Logged when appends start and stop failing, not for every batch while Redis is down.
     let mut failing = false;
+    let mut script = AppendScript { sha: None };
     loop {
         let first = tokio::select! {
             biased;
@@ -250,11 +251,14 @@ async fn appender(
                 Err(_) => break,
             }
         }
-        let ok = append_batch(&client, &key, &batch, max_len, &metrics).await;
-        if ok == failing {
-            failing = !ok;
-            if failing {
-                tracing::warn!("stream appends failing; reconnects read the database meanwhile");
+        let result = script.run(&client, &key, &batch, max_len).await;
+        if result.is_err() {
+            metrics.error(ErrorKind::Bus);
+        }
+        if result.is_err() != failing {
+            failing = !failing;
+            if let Err(error) = result {
+                tracing::warn!(error = %error, "stream appends failing; reconnects read the database meanwhile");
             } else {
                 tracing::info!("stream appends work again");
             }
@@ -270,51 +274,72 @@ async fn appender(
     }
 }
 
-/// One pipelined round trip of `XADD key MAXLEN ~ max_len {offset}-0 c content`; false when
-/// an append failed (other than being refused because another node appended it first).
-async fn append_batch(
-    client: &Client,
-    key: &str,
-    batch: &[Arc<Message>],
-    max_len: i64,
-    metrics: &Metrics,
-) -> bool {
-    let pipeline = client.pipeline();
-    for message in batch {
-        let queued = match XCap::try_from((XCapKind::MaxLen, XCapTrim::AlmostExact, max_len)) {
-            Ok(cap) => {
-                pipeline
-                    .xadd::<Value, _, _, _, _>(
-                        key,
-                        false,
-                        cap,
-                        XID::Manual(format!("{}-0", message.offset).into()),
-                        (CONTENT, message.content.as_str()),
-                    )
-                    .await
-            }
-            Err(error) => Err(error),
-        };
-        if let Err(error) = queued {
-            tracing::warn!(error = %error, "could not queue a stream append");
+/// Appends a batch to the stream in one command. `KEYS[1]` is the stream, `ARGV[1]` its
+/// approximate length cap, then `offset, content` pairs in offset order. Offsets at or below
+/// the stream's last entry are skipped (another node appended them first: every node appends
+/// every message); an `XADD` still refused as too small (the stream's entries were all trimmed
+/// by age, its last id remains) is skipped the same way, and any other failure is returned.
+const APPEND_SCRIPT: &str = r"
+local key = KEYS[1]
+local last = -1
+local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+if #top > 0 then last = tonumber(string.match(top[1][1], '^%d+')) end
+local added = 0
+for i = 2, #ARGV, 2 do
+  if tonumber(ARGV[i]) > last then
+    local r = redis.pcall('XADD', key, ARGV[i] .. '-0', 'c', ARGV[i + 1])
+    if type(r) == 'table' and r.err then
+      if not string.find(r.err, 'equal or smaller', 1, true) then return r end
+    else
+      added = added + 1
+    end
+  end
+end
+if added > 0 then redis.call('XTRIM', key, 'MAXLEN', '~', ARGV[1]) end
+return added
+";
+
+/// The append script, loaded on first use and again when Redis has forgotten it (a restart).
+struct AppendScript {
+    sha: Option<String>,
+}
+
+impl AppendScript {
+    /// Runs the script for `batch`; loads it first when needed.
+    async fn run(
+        &mut self,
+        client: &Client,
+        key: &str,
+        batch: &[Arc<Message>],
+        max_len: i64,
+    ) -> Result<(), fred::error::Error> {
+        let mut args = Vec::with_capacity(1 + 2 * batch.len());
+        args.push(Value::Integer(max_len));
+        for message in batch {
+            args.push(Value::Integer(message.offset));
+            args.push(Value::String(message.content.as_str().into()));
         }
-    }
-    let mut failed = false;
-    for result in pipeline.try_all::<Value>().await {
-        // Another node appended this offset first: the normal case, not an error.
-        if let Err(error) = result
-            && !error.details().contains("equal or smaller")
-        {
-            if !failed {
-                tracing::debug!(error = %error, "stream append failed");
+        for _ in 0..2 {
+            let sha = match &self.sha {
+                Some(sha) => sha.clone(),
+                None => {
+                    let sha: String = client.script_load(APPEND_SCRIPT).await?;
+                    self.sha.insert(sha).clone()
+                }
+            };
+            match client
+                .evalsha::<Value, _, _, _>(sha, key, args.clone())
+                .await
+            {
+                Err(error) if error.details().starts_with("NOSCRIPT") => self.sha = None,
+                result => return result.map(drop),
             }
-            failed = true;
         }
+        Err(fred::error::Error::new(
+            fred::error::ErrorKind::Unknown,
+            "redis forgot the append script right after loading it",
+        ))
     }
-    if failed {
-        metrics.error(ErrorKind::Bus);
-    }
-    !failed
 }
 
 /// Trims entries released more than `max_age` ago (by this node's clock of releases).
