@@ -395,8 +395,14 @@ pub async fn store(
 }
 
 /// Rows/s of plain inserts into a fresh table with an id, client offset and content (a primary
-/// key, no identity index): one connection, `batch` rows per autocommitted statement.
-pub async fn raw_inserts(url: &str, batch: usize, seconds: f64) -> anyhow::Result<f64> {
+/// key; with `identity`, also chorus's unique index on client offset and content hash): one
+/// connection, `batch` rows per autocommitted statement.
+pub async fn raw_inserts(
+    url: &str,
+    batch: usize,
+    seconds: f64,
+    identity: bool,
+) -> anyhow::Result<f64> {
     use sqlx::{Connection, PgConnection};
     let mut conn = PgConnection::connect(url).await?;
     sqlx::raw_sql(
@@ -404,6 +410,12 @@ pub async fn raw_inserts(url: &str, batch: usize, seconds: f64) -> anyhow::Resul
     )
     .execute(&mut conn)
     .await?;
+    if identity {
+        // chorus's identity index (migrations/postgres/0002), which its appends check.
+        sqlx::raw_sql("create unique index on raw_messages (client_offset, md5(content))")
+            .execute(&mut conn)
+            .await?;
+    }
     let run = now_micros();
     let (mut rows, mut seq) = (0u64, 0u64);
     let start = Instant::now();
