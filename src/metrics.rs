@@ -100,6 +100,11 @@ impl Metrics {
         self.errors[kind as usize].fetch_add(1, Relaxed);
     }
 
+    /// How many errors of `kind` were counted.
+    pub fn errors(&self, kind: ErrorKind) -> u64 {
+        self.errors[kind as usize].load(Relaxed)
+    }
+
     /// Renders every metric in the Prometheus text format, labelled with the node id.
     pub fn render(&self, node: &str) -> String {
         let mut out = String::with_capacity(2048);

@@ -2,15 +2,21 @@
 //! process), from the database when the log does not reach back far enough, and after the
 //! stream was lost.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use chorus::client::Client;
+use chorus::{
+    client::Client,
+    log::{RecoveryLog, Retention, StreamLog},
+    metrics::{ErrorKind, Metrics},
+    store::Message,
+};
 use fred::{
     clients::Client as Redis,
     interfaces::{ClientLike, StreamsInterface},
     types::config::Config,
 };
 use serde_json::json;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::support::{
     Node, PrivateRedis, REDIS, TestDb, recover, require_redis, settings_with, stop_all, unique,
@@ -324,4 +330,91 @@ async fn the_benchmark_runs() {
         let value = result.pointer(path).and_then(serde_json::Value::as_f64);
         assert!(value.is_some_and(|v| v > 0.0), "{path}: {result}");
     }
+}
+
+/// Two nodes' logs append overlapping batches to one stream, each in offset order as a feed
+/// releases them: however their calls interleave, the stream holds every offset once, in order,
+/// and no skipped entry counts as an error. Once trimming removed every entry (the stream's last
+/// id stays), appends at or below that id are skipped too and the rest are added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_logs_appending_the_same_offsets_leave_one_contiguous_stream() {
+    require_redis(REDIS).await;
+    let prefix = unique("ls");
+    let (tasks, cancel) = (TaskTracker::new(), CancellationToken::new());
+    let retention = Retention {
+        max_len: 1_000,
+        max_age: Duration::from_secs(600),
+    };
+    let metrics = [Arc::new(Metrics::default()), Arc::new(Metrics::default())];
+    let mut logs = Vec::new();
+    for m in &metrics {
+        let client = redis(REDIS).await;
+        logs.push(StreamLog::start(
+            client,
+            &prefix,
+            "epoch",
+            retention,
+            m.clone(),
+            &tasks,
+            cancel.clone(),
+        ));
+    }
+    let batch = |offsets: std::ops::RangeInclusive<i64>, node: &str| -> Vec<Arc<Message>> {
+        offsets
+            .map(|offset| {
+                Arc::new(Message {
+                    offset,
+                    content: format!("{node}:{offset}"),
+                })
+            })
+            .collect()
+    };
+    logs[0].append(&batch(1..=5, "a"));
+    logs[1].append(&batch(1..=3, "b"));
+    logs[0].append(&batch(6..=10, "a"));
+    logs[1].append(&batch(4..=8, "b"));
+    logs[1].append(&batch(9..=12, "b"));
+
+    let key = format!("{prefix}:log:epoch");
+    let admin = redis(REDIS).await;
+    stream_reaches(&admin, &key, 12).await;
+    let page = logs[0].read_after(0, 100).await.expect("read the stream");
+    let offsets: Vec<i64> = page.iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, (1..=12).collect::<Vec<_>>());
+    for m in &page {
+        let (node, offset) = m.content.split_once(':').expect("node:offset");
+        assert!(node == "a" || node == "b", "{}", m.content);
+        assert_eq!(
+            offset,
+            m.offset.to_string(),
+            "an entry holds its own message"
+        );
+    }
+    let length: u64 = admin.xlen(&key).await.expect("XLEN");
+    assert_eq!(length, 12, "every offset once");
+
+    // Every entry trimmed: the stream is empty but its last id is still 12-0.
+    let _: i64 = admin
+        .xtrim(&key, ("MAXLEN", "=", 0_i64))
+        .await
+        .expect("XTRIM");
+    logs[0].append(&batch(11..=14, "a"));
+    stream_reaches(&admin, &key, 14).await;
+    let page = logs[1].read_after(12, 100).await.expect("read the stream");
+    let offsets: Vec<i64> = page.iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, vec![13, 14]);
+    assert!(
+        logs[1].read_after(10, 100).await.expect("read").is_empty(),
+        "11 and 12 are not in the stream: the reader is sent to the database"
+    );
+    for m in &metrics {
+        assert_eq!(
+            m.errors(ErrorKind::Bus),
+            0,
+            "skipped entries are not errors"
+        );
+    }
+    cancel.cancel();
+    tasks.close();
+    tasks.wait().await;
 }
