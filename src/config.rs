@@ -282,10 +282,10 @@ impl Settings {
                 "must start with sqlite:, postgres:// or postgresql://",
             );
         }
-        if let Some(url) = &self.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return invalid("redis_url (REDIS_URL)", "must start with redis://");
-            }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return invalid("redis_url (REDIS_URL)", "must start with redis://");
         }
         if self.chat.max_message_chars == 0 {
             return invalid("chat.max_message_chars", "must be at least 1");

@@ -193,8 +193,7 @@ impl RecoveryLog for StreamLog {
                 .xrange(&*self.key, start, "+", Some(count))
                 .await?;
             let mut page = Vec::with_capacity(entries.len());
-            let mut next = after + 1;
-            for (id, fields) in entries {
+            for (next, (id, fields)) in (after + 1..).zip(entries) {
                 let offset = id
                     .strip_suffix("-0")
                     .and_then(|n| n.parse::<i64>().ok())
@@ -206,9 +205,8 @@ impl RecoveryLog for StreamLog {
                 let content = fields
                     .into_iter()
                     .find_map(|(k, v)| (k == CONTENT).then_some(v))
-                    .ok_or_else(|| LogError::Malformed(id))?;
+                    .ok_or(LogError::Malformed(id))?;
                 page.push(Arc::new(Message { offset, content }));
-                next += 1;
             }
             Ok(page)
         })

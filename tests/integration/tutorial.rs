@@ -11,7 +11,7 @@ async fn tutorial_flow_on_sqlite_single_node() {
     for transport in ["websocket", "polling"] {
         run_js(
             "tutorial.test.mjs",
-            &[node.url.clone()],
+            std::slice::from_ref(&node.url),
             &[("CHORUS_TRANSPORT", transport.to_owned())],
         )
         .await;
