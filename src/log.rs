@@ -311,12 +311,17 @@ impl AppendScript {
         batch: &[Arc<Message>],
         max_len: i64,
     ) -> Result<(), fred::error::Error> {
-        let mut args = Vec::with_capacity(1 + 2 * batch.len());
-        args.push(Value::Integer(max_len));
-        for message in batch {
-            args.push(Value::Integer(message.offset));
-            args.push(Value::String(message.content.as_str().into()));
-        }
+        // The arguments are built per attempt: a retry after a reload is rare, and cloning them
+        // on every call is not.
+        let args = || {
+            let mut args = Vec::with_capacity(1 + 2 * batch.len());
+            args.push(Value::Integer(max_len));
+            for message in batch {
+                args.push(Value::Integer(message.offset));
+                args.push(Value::String(message.content.as_str().into()));
+            }
+            args
+        };
         for _ in 0..2 {
             let sha = match &self.sha {
                 Some(sha) => sha.clone(),
@@ -325,10 +330,7 @@ impl AppendScript {
                     self.sha.insert(sha).clone()
                 }
             };
-            match client
-                .evalsha::<Value, _, _, _>(sha, key, args.clone())
-                .await
-            {
+            match client.evalsha::<Value, _, _, _>(sha, key, args()).await {
                 Err(error) if error.details().starts_with("NOSCRIPT") => self.sha = None,
                 result => return result.map(drop),
             }
