@@ -4,7 +4,8 @@ use std::{fmt, path::Path, time::Duration};
 
 use serde::{Deserialize, Deserializer, de};
 
-/// Everything a node can be configured with, in one typed tree.
+/// Everything a node can be configured with, in one typed tree. Durations are read from
+/// `*_ms` / `*_secs` keys and held as `Duration`; [`Settings::load`] checks the values together.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     /// Address to bind (`0.0.0.0` in containers, `127.0.0.1` in tests).
@@ -17,8 +18,12 @@ pub struct Settings {
     pub redis_url: Option<String>,
     /// Name of this node in logs and metrics; defaults to the host name and port.
     pub node_id: Option<String>,
-    /// Chat behaviour seen by clients.
+    /// What the chat gives clients.
     pub chat: ChatSettings,
+    /// What a client may send.
+    pub limits: LimitSettings,
+    /// Per-connection buffers and timeouts of the Socket.IO transport.
+    pub transport: TransportSettings,
     /// Storage tuning.
     pub store: StoreSettings,
     /// Ordered delivery tuning.
@@ -26,33 +31,44 @@ pub struct Settings {
     /// Redis tuning.
     pub redis: RedisSettings,
     /// Retention of the recovery log.
-    pub stream: StreamSettings,
+    pub recovery: RecoverySettings,
     /// Logging.
     pub log: LogSettings,
     /// Graceful shutdown.
     pub shutdown: ShutdownSettings,
 }
 
-/// What clients see: history on first connect and input limits.
+/// What the chat gives clients.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatSettings {
     /// How many of the newest messages a new client gets; `unlimited` replays everything.
     pub history: History,
+}
+
+/// What a client may send: the limits clients meet.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LimitSettings {
     /// Longest accepted message, in characters.
     pub max_message_chars: usize,
     /// Longest accepted client offset, in characters.
     pub max_client_offset_chars: usize,
+    /// Most sends of one socket waiting for their ack; more are refused as rate limited.
+    pub max_in_flight: usize,
     /// Largest incoming Engine.IO payload or websocket message, in bytes.
     pub max_payload_bytes: u64,
+}
+
+/// Per-connection buffers and timeouts of the Socket.IO transport.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TransportSettings {
     /// Packets socketioxide buffers per socket before `emit` reports the buffer full.
     pub max_buffer_size: usize,
     /// Initial size of each websocket's read buffer; it grows for a larger frame. Every idle
     /// connection holds it, and chat sends are small.
     pub ws_read_buffer_bytes: usize,
     /// How long a socket whose buffer stays full is kept before it is disconnected.
-    pub slow_consumer_timeout_ms: u64,
-    /// Most sends of one socket waiting for their ack; more are refused as rate limited.
-    pub max_in_flight: usize,
+    #[serde(rename = "slow_consumer_timeout_ms", deserialize_with = "millis")]
+    pub slow_consumer_timeout: Duration,
 }
 
 /// Storage tuning.
@@ -65,16 +81,19 @@ pub struct StoreSettings {
     /// Rows per page of a replay from the store.
     pub page_size: usize,
     /// Time allowed to get a connection or run one query.
-    pub timeout_ms: u64,
+    #[serde(rename = "timeout_ms", deserialize_with = "millis")]
+    pub timeout: Duration,
 }
 
 /// Ordered delivery tuning.
 #[derive(Debug, Clone, Deserialize)]
 pub struct FeedSettings {
     /// How long an out-of-order message waits for the gap before it is filled from the store.
-    pub gap_timeout_ms: u64,
+    #[serde(rename = "gap_timeout_ms", deserialize_with = "millis")]
+    pub gap_timeout: Duration,
     /// How often the store is polled for messages the bus did not bring.
-    pub poll_interval_ms: u64,
+    #[serde(rename = "poll_interval_ms", deserialize_with = "millis")]
+    pub poll_interval: Duration,
     /// Recent messages kept in memory to serve reconnects without a query.
     pub ring_capacity: usize,
 }
@@ -85,17 +104,19 @@ pub struct RedisSettings {
     /// Prefix of every key and channel, so several clusters (or tests) share one Redis.
     pub prefix: String,
     /// Every Redis command fails after this long instead of hanging while Redis is down.
-    pub command_timeout_ms: u64,
+    #[serde(rename = "command_timeout_ms", deserialize_with = "millis")]
+    pub command_timeout: Duration,
 }
 
 /// Retention of the recovery log (the Redis stream, or the in-process log of a single node):
-/// trimmed to `max_len` messages and to `max_age_secs`, whichever keeps fewer.
+/// trimmed to `max_len` messages and to `max_age`, whichever keeps fewer.
 #[derive(Debug, Clone, Deserialize)]
-pub struct StreamSettings {
+pub struct RecoverySettings {
     /// Most messages kept.
     pub max_len: usize,
-    /// Oldest message kept, in seconds.
-    pub max_age_secs: u64,
+    /// Oldest message kept.
+    #[serde(rename = "max_age_secs", deserialize_with = "secs")]
+    pub max_age: Duration,
 }
 
 /// Logging.
@@ -121,10 +142,20 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ShutdownSettings {
     /// Longest wait for in-flight writes after a signal.
-    pub drain_timeout_ms: u64,
+    #[serde(rename = "drain_timeout_ms", deserialize_with = "millis")]
+    pub drain_timeout: Duration,
     /// How long the node keeps serving with readiness false before it stops accepting, so a
     /// load balancer with health checks moves new clients away first (0: stop at once).
-    pub unready_delay_ms: u64,
+    #[serde(rename = "unready_delay_ms", deserialize_with = "millis")]
+    pub unready_delay: Duration,
+}
+
+fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_millis)
+}
+
+fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_secs)
 }
 
 /// How much history a new client receives.
@@ -182,6 +213,7 @@ pub enum ConfigError {
     },
 }
 
+/// The built-in defaults; README's configuration table lists them.
 const DEFAULTS: &str = r#"
 host = "0.0.0.0"
 port = 3000
@@ -189,13 +221,17 @@ database_url = "sqlite://chorus.db"
 
 [chat]
 history = 100
+
+[limits]
 max_message_chars = 4096
 max_client_offset_chars = 128
+max_in_flight = 256
 max_payload_bytes = 65536
+
+[transport]
 max_buffer_size = 4096
 ws_read_buffer_bytes = 1024
 slow_consumer_timeout_ms = 30000
-max_in_flight = 256
 
 [store]
 max_connections = 8
@@ -212,7 +248,7 @@ ring_capacity = 8192
 prefix = "chorus"
 command_timeout_ms = 2000
 
-[stream]
+[recovery]
 max_len = 1000000
 max_age_secs = 900
 
@@ -224,6 +260,9 @@ level = "info"
 drain_timeout_ms = 10000
 unready_delay_ms = 0
 "#;
+
+/// The prefix of environment variables that set any key: `CHORUS__SECTION__KEY`.
+pub const ENV_PREFIX: &str = "CHORUS";
 
 impl Settings {
     /// Loads defaults, then `file` if given, then the process environment.
@@ -242,7 +281,7 @@ impl Settings {
             builder = builder.add_source(config::File::from(path).required(true));
         }
         let env: config::Map<String, String> = env.into_iter().collect();
-        // The conventional names users expect, then CHAT__SECTION__KEY for the rest.
+        // The conventional names users expect, then CHORUS__SECTION__KEY for the rest.
         for (var, key) in [
             ("PORT", "port"),
             ("HOST", "host"),
@@ -255,7 +294,7 @@ impl Settings {
             }
         }
         builder = builder.add_source(
-            config::Environment::with_prefix("CHAT")
+            config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
@@ -266,47 +305,80 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Checks what the types cannot: ranges, and values that only work together.
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, reason: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                reason: reason.to_owned(),
-            })
-        };
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
         if !(self.database_url.starts_with("sqlite:")
             || self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://"))
         {
             return invalid(
                 "database_url (DATABASE_URL)",
-                "must start with sqlite:, postgres:// or postgresql://",
+                "must start with sqlite:, postgres:// or postgresql://".into(),
             );
         }
         if let Some(url) = &self.redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
-            return invalid("redis_url (REDIS_URL)", "must start with redis://");
+            return invalid("redis_url (REDIS_URL)", "must start with redis://".into());
         }
-        if self.chat.max_message_chars == 0 {
-            return invalid("chat.max_message_chars", "must be at least 1");
+        let at_least = |key, value: u64, min: u64| {
+            if value < min {
+                invalid(key, format!("must be at least {min}, got {value}"))
+            } else {
+                Ok(())
+            }
+        };
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        at_least(
+            "limits.max_message_chars",
+            n(self.limits.max_message_chars),
+            1,
+        )?;
+        at_least(
+            "limits.max_client_offset_chars",
+            n(self.limits.max_client_offset_chars),
+            1,
+        )?;
+        at_least("limits.max_in_flight", n(self.limits.max_in_flight), 1)?;
+        at_least(
+            "limits.max_payload_bytes",
+            self.limits.max_payload_bytes,
+            1024,
+        )?;
+        at_least(
+            "transport.ws_read_buffer_bytes",
+            n(self.transport.ws_read_buffer_bytes),
+            64,
+        )?;
+        at_least("store.batch_max", n(self.store.batch_max), 1)?;
+        at_least("store.page_size", n(self.store.page_size), 1)?;
+        at_least(
+            "store.max_connections",
+            u64::from(self.store.max_connections),
+            2,
+        )?;
+        at_least("feed.ring_capacity", n(self.feed.ring_capacity), 1)?;
+        at_least("recovery.max_len", n(self.recovery.max_len), 1)?;
+        at_least("recovery.max_age_secs", self.recovery.max_age.as_secs(), 1)?;
+        if self.feed.poll_interval.is_zero() {
+            return invalid("feed.poll_interval_ms", "must be at least 1".into());
         }
-        if self.chat.max_in_flight == 0 {
-            return invalid("chat.max_in_flight", "must be at least 1");
-        }
-        if self.chat.ws_read_buffer_bytes < 64 {
-            return invalid("chat.ws_read_buffer_bytes", "must be at least 64");
-        }
-        if self.chat.max_buffer_size < 16 {
-            return invalid("chat.max_buffer_size", "must be at least 16");
-        }
-        if self.store.batch_max == 0 || self.store.page_size == 0 {
-            return invalid("store.batch_max / store.page_size", "must be at least 1");
-        }
-        if self.store.max_connections < 2 {
-            return invalid("store.max_connections", "must be at least 2");
-        }
-        if self.feed.poll_interval_ms == 0 {
-            return invalid("feed.poll_interval_ms", "must be at least 1");
+        // A socket's buffer must hold a burst: a full batch released at once plus the socket's
+        // own acks. Acks cannot wait for room, so one that finds the buffer full is lost (the
+        // client's retry is then answered as a duplicate). docs/DESIGN.md, "Backpressure".
+        let burst = self
+            .store
+            .batch_max
+            .saturating_add(self.limits.max_in_flight);
+        if self.transport.max_buffer_size < burst {
+            return invalid(
+                "transport.max_buffer_size",
+                format!(
+                    "must hold store.batch_max + limits.max_in_flight ({burst}) packets, got {}",
+                    self.transport.max_buffer_size
+                ),
+            );
         }
         Ok(())
     }
@@ -314,11 +386,6 @@ impl Settings {
     /// Whether this node runs in cluster mode.
     pub fn clustered(&self) -> bool {
         self.redis_url.is_some()
-    }
-
-    /// Helper: a millisecond setting as a `Duration`.
-    pub fn ms(value: u64) -> Duration {
-        Duration::from_millis(value)
     }
 }
 
@@ -349,8 +416,8 @@ mod tests {
             env(&[
                 ("PORT", "4000"),
                 ("REDIS_URL", "redis://127.0.0.1:6379"),
-                ("CHAT__CHAT__HISTORY", "unlimited"),
-                ("CHAT__STORE__BATCH_MAX", "64"),
+                ("CHORUS__CHAT__HISTORY", "unlimited"),
+                ("CHORUS__STORE__BATCH_MAX", "64"),
             ]),
         )
         .unwrap();
@@ -362,7 +429,7 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_its_key() {
-        let err = Settings::load_from(None, env(&[("CHAT__STORE__BATCH_MAX", "lots")]))
+        let err = Settings::load_from(None, env(&[("CHORUS__STORE__BATCH_MAX", "lots")]))
             .unwrap_err()
             .to_string();
         assert!(err.contains("batch_max"), "{err}");
@@ -377,10 +444,39 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_read_from_their_unit_keys() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("CHORUS__FEED__GAP_TIMEOUT_MS", "75"),
+                ("CHORUS__RECOVERY__MAX_AGE_SECS", "60"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.feed.gap_timeout, Duration::from_millis(75));
+        assert_eq!(s.recovery.max_age, Duration::from_secs(60));
+        assert_eq!(s.transport.slow_consumer_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_buffer_too_small_for_a_burst_is_refused() {
+        let err = Settings::load_from(None, env(&[("CHORUS__TRANSPORT__MAX_BUFFER_SIZE", "700")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("transport.max_buffer_size"), "{err}");
+        assert!(err.contains("768"), "{err}");
+        let fits = env(&[
+            ("CHORUS__TRANSPORT__MAX_BUFFER_SIZE", "64"),
+            ("CHORUS__STORE__BATCH_MAX", "32"),
+            ("CHORUS__LIMITS__MAX_IN_FLIGHT", "32"),
+        ]);
+        assert!(Settings::load_from(None, fits).is_ok());
+    }
+
+    #[test]
     fn a_file_sits_between_defaults_and_env() {
-        let dir = std::env::temp_dir().join(format!("chorus-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
         std::fs::write(&path, "port = 5000\n[chat]\nhistory = 7\n").unwrap();
         let s = Settings::load_from(Some(&path), env(&[("PORT", "5001")])).unwrap();
         assert_eq!(s.port, 5001);
