@@ -1,0 +1,62 @@
+//! The recovery log: the newest messages in offset order, kept where every node can read them,
+//! so that a client reconnecting to any node catches up without a database query.
+//!
+//! A cluster keeps it in a Redis stream ([`StreamLog`]), a single node in process
+//! ([`MemoryLog`]). Neither is trusted: a read returns only the contiguous run that starts
+//! exactly at the asked offset, and anything else reads as "not here", which sends the caller
+//! to the store. Why that makes a lost, trimmed or foreign stream harmless: `docs/DESIGN.md`,
+//! "The stream".
+
+mod memory;
+mod stream;
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::future::BoxFuture;
+
+pub use memory::MemoryLog;
+pub use stream::StreamLog;
+
+use crate::{config::RecoverySettings, store::Message};
+
+/// How much the log keeps: at most `max_len` messages, none older than `max_age`.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Most messages kept.
+    pub max_len: usize,
+    /// Oldest message kept.
+    pub max_age: Duration,
+}
+
+impl From<&RecoverySettings> for Retention {
+    fn from(settings: &RecoverySettings) -> Self {
+        Self {
+            max_len: settings.max_len,
+            max_age: settings.max_age,
+        }
+    }
+}
+
+/// Why the log could not be read (the caller reads the store instead).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Redis refused or did not answer.
+    #[error("redis error: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// An entry was not in the shape this module writes.
+    #[error("malformed stream entry {0}")]
+    Malformed(String),
+}
+
+/// Recent messages, readable by offset.
+pub trait RecoveryLog: Send + Sync + 'static {
+    /// Takes released messages (in offset order, contiguous); never waits.
+    fn append(&self, messages: &[Arc<Message>]);
+    /// Up to `limit` messages from `after + 1` on, contiguous; empty when the log does not hold
+    /// `after + 1`.
+    fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, ReadError>>;
+}

@@ -1,0 +1,252 @@
+//! The cluster's recovery log: a Redis stream `{prefix}:log:{epoch}` whose entry ids are the
+//! offsets (`{offset}-0`), appended by every node a batch per script call and trimmed by count
+//! and by age. `docs/DESIGN.md`, "The stream", argues why it has no holes and why readers need
+//! not trust it anyway.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use fred::{
+    clients::Client,
+    interfaces::{LuaInterface, StreamsInterface},
+    types::{
+        Value,
+        streams::{XCap, XCapKind, XCapTrim},
+    },
+};
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::{ReadError, RecoveryLog, Retention};
+use crate::{
+    metrics::{ErrorKind, Metrics},
+    runtime::Runtime,
+    store::Message,
+};
+
+/// Appends a batch, skipping what another node appended first; see the script's own comment.
+const APPEND_SCRIPT: &str = include_str!("append.lua");
+
+/// The cluster's log, in a Redis stream.
+pub struct StreamLog {
+    client: Client,
+    key: Arc<str>,
+    tx: mpsc::Sender<Vec<Arc<Message>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The one field of each stream entry (the append script writes it as `c`).
+const CONTENT: &str = "c";
+/// Most messages per append command.
+const APPEND_BATCH: usize = 1024;
+/// Released batches waiting for the appender. Bounded: if Redis is slower than the feed,
+/// appends are dropped rather than queued without limit; a dropped message leaves the stream
+/// short, which readers detect.
+const APPEND_QUEUE: usize = 4096;
+/// How often the appender samples when it released which offset: the clock of the age trim.
+const RELEASE_SAMPLE: Duration = Duration::from_secs(1);
+/// The age trim runs this many times per `recovery.max_age`, but not more often than
+/// `AGE_TRIM_MIN` nor less often than `AGE_TRIM_MAX`.
+const AGE_TRIMS_PER_MAX_AGE: u32 = 10;
+const AGE_TRIM_MIN: Duration = Duration::from_secs(1);
+const AGE_TRIM_MAX: Duration = Duration::from_secs(60);
+
+impl StreamLog {
+    /// The stream `{prefix}:log:{epoch}`, with its appender task.
+    pub fn start(
+        client: Client,
+        prefix: &str,
+        epoch: &str,
+        retention: Retention,
+        runtime: &Runtime,
+    ) -> Self {
+        let key: Arc<str> = format!("{prefix}:log:{epoch}").into();
+        let (tx, rx) = mpsc::channel(APPEND_QUEUE);
+        runtime.spawn(appender(
+            client.clone(),
+            key.clone(),
+            rx,
+            retention,
+            runtime.clone(),
+        ));
+        Self {
+            client,
+            key,
+            tx,
+            metrics: runtime.metrics.clone(),
+        }
+    }
+}
+
+impl RecoveryLog for StreamLog {
+    fn append(&self, messages: &[Arc<Message>]) {
+        if self.tx.try_send(messages.to_vec()).is_err() {
+            self.metrics.error(ErrorKind::RecoveryLog);
+        }
+    }
+
+    fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, ReadError>> {
+        Box::pin(async move {
+            let start = format!("{}-0", after + 1);
+            let count = u64::try_from(limit).unwrap_or(u64::MAX);
+            let entries: Vec<(String, Vec<(String, String)>)> = self
+                .client
+                .xrange(&*self.key, start, "+", Some(count))
+                .await?;
+            let mut page = Vec::with_capacity(entries.len());
+            for (next, (id, fields)) in (after + 1..).zip(entries) {
+                let offset = id
+                    .strip_suffix("-0")
+                    .and_then(|n| n.parse::<i64>().ok())
+                    .ok_or_else(|| ReadError::Malformed(id.clone()))?;
+                // Only the run that starts at `after + 1` with no hole counts.
+                if offset != next {
+                    break;
+                }
+                let content = fields
+                    .into_iter()
+                    .find_map(|(k, v)| (k == CONTENT).then_some(v))
+                    .ok_or(ReadError::Malformed(id))?;
+                page.push(Arc::new(Message { offset, content }));
+            }
+            Ok(page)
+        })
+    }
+}
+
+/// Appends what the feed released, in order, and trims the stream by count and by age.
+async fn appender(
+    client: Client,
+    key: Arc<str>,
+    mut rx: mpsc::Receiver<Vec<Arc<Message>>>,
+    retention: Retention,
+    runtime: Runtime,
+) {
+    let (metrics, cancel) = (&runtime.metrics, &runtime.cancel);
+    // When offsets were released here, sampled every RELEASE_SAMPLE: the age trim's clock.
+    let mut released_at: VecDeque<(Instant, i64)> = VecDeque::new();
+    let trim_every = (retention.max_age / AGE_TRIMS_PER_MAX_AGE).clamp(AGE_TRIM_MIN, AGE_TRIM_MAX);
+    let mut trim = tokio::time::interval(trim_every);
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let max_len = i64::try_from(retention.max_len).unwrap_or(i64::MAX);
+    // Logged when appends start and stop failing, not for every batch while Redis is down.
+    let mut failing = false;
+    let mut script = AppendScript { sha: None };
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            first = rx.recv() => first,
+            _ = trim.tick() => {
+                trim_by_age(&client, &key, &mut released_at, retention.max_age).await;
+                continue;
+            }
+        };
+        let Some(mut batch) = first else { break };
+        while batch.len() < APPEND_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        let result = script.run(&client, &key, &batch, max_len).await;
+        if result.is_err() {
+            metrics.error(ErrorKind::RecoveryLog);
+        }
+        if result.is_err() != failing {
+            failing = !failing;
+            if let Err(error) = result {
+                tracing::warn!(error = %error, "stream appends failing; reconnects read the database meanwhile");
+            } else {
+                tracing::info!("stream appends work again");
+            }
+        }
+        let now = Instant::now();
+        if let Some(last) = batch.last()
+            && released_at
+                .back()
+                .is_none_or(|(at, _)| now.duration_since(*at) >= RELEASE_SAMPLE)
+        {
+            released_at.push_back((now, last.offset));
+        }
+    }
+}
+
+/// The append script, loaded on first use and again when Redis has forgotten it (a restart).
+struct AppendScript {
+    sha: Option<String>,
+}
+
+impl AppendScript {
+    /// Runs the script for `batch`; loads it first when needed.
+    async fn run(
+        &mut self,
+        client: &Client,
+        key: &str,
+        batch: &[Arc<Message>],
+        max_len: i64,
+    ) -> Result<(), fred::error::Error> {
+        // The arguments are built per attempt: a retry after a reload is rare, and cloning them
+        // on every call is not.
+        let args = || {
+            let mut args = Vec::with_capacity(1 + 2 * batch.len());
+            args.push(Value::Integer(max_len));
+            for message in batch {
+                args.push(Value::Integer(message.offset));
+                args.push(Value::String(message.content.as_str().into()));
+            }
+            args
+        };
+        for _ in 0..2 {
+            let sha = match &self.sha {
+                Some(sha) => sha.clone(),
+                None => {
+                    let sha: String = client.script_load(APPEND_SCRIPT).await?;
+                    self.sha.insert(sha).clone()
+                }
+            };
+            match client.evalsha::<Value, _, _, _>(sha, key, args()).await {
+                Err(error) if error.details().starts_with("NOSCRIPT") => self.sha = None,
+                result => return result.map(drop),
+            }
+        }
+        Err(fred::error::Error::new(
+            fred::error::ErrorKind::Unknown,
+            "redis forgot the append script right after loading it",
+        ))
+    }
+}
+
+/// Trims entries released more than `max_age` ago (by this node's clock of releases).
+async fn trim_by_age(
+    client: &Client,
+    key: &str,
+    released_at: &mut VecDeque<(Instant, i64)>,
+    max_age: Duration,
+) {
+    let now = Instant::now();
+    let mut expired = None;
+    while let Some(&(at, offset)) = released_at.front()
+        && now.duration_since(at) > max_age
+    {
+        expired = Some(offset);
+        released_at.pop_front();
+    }
+    let Some(offset) = expired else { return };
+    let min_id = format!("{}-0", offset + 1);
+    match XCap::try_from((XCapKind::MinID, XCapTrim::AlmostExact, min_id)) {
+        Ok(cap) => {
+            if let Err(error) = client.xtrim::<Value, _, _>(key, cap).await {
+                tracing::warn!(error = %error, "stream trim failed");
+            }
+        }
+        Err(error) => tracing::warn!(error = %error, "could not build a stream trim"),
+    }
+}
