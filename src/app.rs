@@ -7,22 +7,25 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, serve::ListenerExt};
+use std::convert::Infallible;
+
+use axum::{Router, body::Body, http::Request, response::IntoResponse, serve::ListenerExt};
 use futures_util::future::BoxFuture;
-use socketioxide::{SocketIo, SocketIoBuilder};
+use socketioxide::{SocketIo, SocketIoBuilder, adapter::Adapter};
+use socketioxide_core::adapter::DefinedAdapter;
 use socketioxide_redis::{FredAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 use crate::{
-    bus::{Bus, BusError, RedisConnector},
-    chat::{self, Chat, Limits},
+    bus::Bus,
+    chat::{self, Chat},
     config::Settings,
     feed::{Feed, FeedOptions},
     http::{self, HttpState},
-    log::{MemoryLog, RecoveryLog, Retention, StreamLog},
-    metrics::Metrics,
+    recovery::{MemoryLog, RecoveryLog, StreamLog},
+    redis::{RedisConnector, RedisError},
+    runtime::Runtime,
     store::{self, Store, StoreError},
     writer::Writer,
 };
@@ -44,11 +47,14 @@ pub enum StartError {
     Store(#[from] StoreError),
     /// Redis could not be reached.
     #[error("cannot connect to redis")]
-    Redis(#[from] BusError),
+    Redis(#[from] RedisError),
     /// The Socket.IO adapter could not subscribe to its Redis channels.
     #[error("cannot start the socket.io redis adapter: {0}")]
     Adapter(String),
 }
+
+/// Closes every Socket.IO connection of the node (they reconnect elsewhere).
+type CloseSockets = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
 
 /// A node ready to serve: bound, connected, migrated.
 pub struct App {
@@ -56,172 +62,72 @@ pub struct App {
     router: Router,
     node_id: Arc<str>,
     http: Arc<HttpState>,
-    close_sockets: Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>,
+    close_sockets: CloseSockets,
     store: Arc<dyn Store>,
-    tasks: TaskTracker,
-    cancel: CancellationToken,
+    runtime: Runtime,
     drain_timeout: Duration,
     unready_delay: Duration,
 }
 
-/// Builds a node: binds the port, opens the store, connects Redis when configured.
-pub async fn build(settings: Settings) -> Result<App, StartError> {
-    let addr = format!("{}:{}", settings.host, settings.port);
-    let listener = TcpListener::bind(&addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: settings.host.clone(),
-        source,
-    })?;
-    let node_id: Arc<str> = settings
-        .node_id
-        .clone()
-        .unwrap_or_else(|| format!("{}:{}", host_name(), local.port()))
-        .into();
+/// How the node shares its work: alone, or with a cluster through Redis.
+enum Mode {
+    /// Everything in process: the recovery log in memory, no bus, the local adapter.
+    Single,
+    /// Redis carries the bus, the recovery log and the Socket.IO adapter.
+    Cluster {
+        connector: RedisConnector,
+        /// The node's one command client: the recovery log, publishing and readiness share it.
+        client: fred::clients::Client,
+    },
+}
 
+/// Builds a node: binds the port, opens the store, connects Redis when configured, and wires
+/// the parts the way `docs/DESIGN.md` draws them.
+pub async fn build(settings: Settings) -> Result<App, StartError> {
+    let listener = bind(&settings).await?;
+    let node_id = node_id(&settings, &listener);
     crate::logging::set_node(&node_id);
-    let metrics = Arc::new(Metrics::default());
-    let tasks = TaskTracker::new();
-    let cancel = CancellationToken::new();
-    let ms = Settings::ms;
+    let runtime = Runtime::new(&node_id);
 
     let store = store::connect(&settings).await?;
     let head = store.head().await?;
-    let retention = Retention {
-        max_len: settings.stream.max_len.max(1),
-        max_age: Duration::from_secs(settings.stream.max_age_secs.max(1)),
-    };
-    let redis = match &settings.redis_url {
-        Some(url) => Some(RedisConnector::new(
-            url,
-            ms(settings.redis.command_timeout_ms),
-        )?),
-        None => None,
-    };
-    // One command client per node: the recovery log, publishing, and readiness share it.
-    let cluster = match &redis {
-        Some(connector) => Some((connector, connector.client().await?)),
-        None => None,
-    };
-    let log: Arc<dyn RecoveryLog> = match &cluster {
-        Some((_, client)) => Arc::new(StreamLog::start(
-            client.clone(),
-            &settings.redis.prefix,
-            &store.epoch().await?,
-            retention,
-            metrics.clone(),
-            &tasks,
-            cancel.clone(),
-        )),
-        None => Arc::new(MemoryLog::new(retention)),
-    };
+    let mode = Mode::connect(&settings).await?;
+    let log = mode.recovery_log(&settings, &*store, &runtime).await?;
     let feed = Feed::start(
         head,
         store.clone(),
         log,
-        FeedOptions {
-            gap_timeout: ms(settings.feed.gap_timeout_ms),
-            poll_interval: ms(settings.feed.poll_interval_ms),
-            ring_capacity: settings.feed.ring_capacity.max(1),
-            page_size: settings.store.page_size,
-            slow_consumer_timeout: ms(settings.chat.slow_consumer_timeout_ms),
-        },
-        metrics.clone(),
-        tasks.clone(),
-        cancel.clone(),
+        FeedOptions::from(&settings),
+        &runtime,
     );
-    let bus = match &cluster {
-        Some((connector, client)) => Some(
-            Bus::start(
-                connector,
-                client.clone(),
-                &settings.redis.prefix,
-                node_id.clone(),
-                feed.clone(),
-                metrics.clone(),
-                &tasks,
-                cancel.clone(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    let redis_client = cluster.map(|(_, client)| client);
-
+    let bus = mode.bus(&settings, &node_id, &feed, &runtime).await?;
     let writer = Writer::start(
         store.clone(),
         feed.clone(),
         bus,
         settings.store.batch_max,
-        metrics.clone(),
-        &tasks,
-        cancel.clone(),
+        &runtime,
     );
     let chat = Arc::new(Chat {
         feed,
         writer,
         store: store.clone(),
         history: settings.chat.history,
-        limits: Limits {
-            max_message_chars: settings.chat.max_message_chars,
-            max_client_offset_chars: settings.chat.max_client_offset_chars,
-            max_in_flight: settings.chat.max_in_flight,
-        },
-        metrics: metrics.clone(),
+        limits: (&settings.limits).into(),
+        metrics: runtime.metrics.clone(),
     });
-
     let http = Arc::new(HttpState {
-        node_id: node_id.clone(),
         store: store.clone(),
-        redis: redis_client,
-        metrics,
+        redis: mode.client(),
+        metrics: runtime.metrics.clone(),
         draining: AtomicBool::new(false),
-        check_timeout: ms(settings.store.timeout_ms.min(2_000)),
+        check_timeout: readiness_timeout(&settings),
     });
-    let routes = http::routes(http.clone());
-    let builder = socket_io_builder(&settings);
-    let (router, close_sockets) = match &redis {
-        None => {
-            let (svc, io) = builder.build_svc();
-            chat::register(&io, chat);
-            (
-                routes.fallback_service(svc.map_request(http::own_head)),
-                closer(io),
-            )
-        }
-        Some(connector) => {
-            // The adapter's driver connects the client itself (it calls `init`), so it gets the
-            // client unconnected. A second `init` replaces fred's router task and sends QUIT to
-            // the old one; until the old task has processed that QUIT, fred only buffers new
-            // commands without flushing them, so the adapter's first SSUBSCRIBE could sit
-            // unsent until it timed out (about one start in 250, more under CPU load).
-            // Adapter requests between nodes are rare and taken at once by the driver's task.
-            let (subscriber, connections) = connector.unconnected_subscriber(1024)?;
-            let config = RedisAdapterConfig::new()
-                .with_prefix(format!("{}:socket.io", settings.redis.prefix))
-                .with_request_timeout(ms(settings.redis.command_timeout_ms));
-            let adapter = RedisAdapterCtr::new_with_fred_config(subscriber.clone(), config)
-                .await
-                .map_err(|e| StartError::Adapter(e.to_string()))?;
-            connections
-                .keep_subscribed(&subscriber, &tasks, cancel.clone())
-                .await;
-            let (svc, io) = builder.with_adapter::<FredAdapter<_>>(adapter).build_svc();
-            let limit = ms(settings.redis.command_timeout_ms * 2);
-            match tokio::time::timeout(limit, chat::register(&io, chat)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(StartError::Adapter(e.to_string())),
-                Err(_) => return Err(StartError::Adapter("timed out".into())),
-            }
-            (
-                routes.fallback_service(svc.map_request(http::own_head)),
-                closer(io),
-            )
-        }
-    };
+    let (router, close_sockets) = mode
+        .socket_io(&settings, http::routes(http.clone()), chat, &runtime)
+        .await?;
 
-    tracing::info!(node = %node_id, addr = %local, clustered = redis.is_some(), head, "node ready");
+    tracing::info!(node = %node_id, addr = ?listener.local_addr().ok(), clustered = settings.clustered(), head, "node ready");
     Ok(App {
         listener,
         router,
@@ -229,29 +135,166 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         http,
         close_sockets,
         store,
-        tasks,
-        cancel,
-        drain_timeout: ms(settings.shutdown.drain_timeout_ms),
-        unready_delay: ms(settings.shutdown.unready_delay_ms),
+        runtime,
+        drain_timeout: settings.shutdown.drain_timeout,
+        unready_delay: settings.shutdown.unready_delay,
     })
 }
 
+async fn bind(settings: &Settings) -> Result<TcpListener, StartError> {
+    let addr = format!("{}:{}", settings.host, settings.port);
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// The configured node id, or the host name and the bound port.
+fn node_id(settings: &Settings, listener: &TcpListener) -> Arc<str> {
+    match &settings.node_id {
+        Some(id) => id.as_str().into(),
+        None => {
+            let port = listener.local_addr().map_or(settings.port, |a| a.port());
+            format!("{}:{port}", host_name()).into()
+        }
+    }
+}
+
+/// Readiness answers within this long even when the store's own query timeout is longer, so a
+/// balancer's probe (usually 2-5 s) sees a clear "no" rather than its own timeout.
+const READINESS_CHECK_MAX: Duration = Duration::from_secs(2);
+
+fn readiness_timeout(settings: &Settings) -> Duration {
+    settings.store.timeout.min(READINESS_CHECK_MAX)
+}
+
+/// Messages the Socket.IO adapter's subscriber holds before its driver takes them: requests
+/// between nodes are rare and taken at once.
+const ADAPTER_CHANNEL_CAPACITY: usize = 1024;
+
+impl Mode {
+    async fn connect(settings: &Settings) -> Result<Self, StartError> {
+        let Some(url) = &settings.redis_url else {
+            return Ok(Mode::Single);
+        };
+        let connector = RedisConnector::new(url, settings.redis.command_timeout)?;
+        let client = connector.client().await?;
+        Ok(Mode::Cluster { connector, client })
+    }
+
+    fn client(&self) -> Option<fred::clients::Client> {
+        match self {
+            Mode::Single => None,
+            Mode::Cluster { client, .. } => Some(client.clone()),
+        }
+    }
+
+    async fn recovery_log(
+        &self,
+        settings: &Settings,
+        store: &dyn Store,
+        runtime: &Runtime,
+    ) -> Result<Arc<dyn RecoveryLog>, StartError> {
+        let retention = (&settings.recovery).into();
+        Ok(match self {
+            Mode::Single => Arc::new(MemoryLog::new(retention)),
+            Mode::Cluster { client, .. } => Arc::new(StreamLog::start(
+                client.clone(),
+                &settings.redis.prefix,
+                &store.epoch().await?,
+                retention,
+                runtime,
+            )),
+        })
+    }
+
+    async fn bus(
+        &self,
+        settings: &Settings,
+        node_id: &Arc<str>,
+        feed: &Feed,
+        runtime: &Runtime,
+    ) -> Result<Option<Bus>, StartError> {
+        Ok(match self {
+            Mode::Single => None,
+            Mode::Cluster { connector, client } => Some(
+                Bus::start(
+                    connector,
+                    client.clone(),
+                    &settings.redis.prefix,
+                    node_id.clone(),
+                    feed.clone(),
+                    runtime,
+                )
+                .await?,
+            ),
+        })
+    }
+
+    /// Registers the chat on a Socket.IO layer with this mode's adapter and mounts it behind
+    /// `routes`.
+    async fn socket_io(
+        &self,
+        settings: &Settings,
+        routes: Router,
+        chat: Arc<Chat>,
+        runtime: &Runtime,
+    ) -> Result<(Router, CloseSockets), StartError> {
+        let builder = socket_io_builder(settings);
+        match self {
+            Mode::Single => {
+                let (svc, io) = builder.build_svc();
+                chat::register(&io, chat);
+                Ok(mount(routes, svc, io))
+            }
+            Mode::Cluster { connector, .. } => {
+                // The adapter's driver connects its subscriber itself (`init`), so it gets one
+                // unconnected: docs/DESIGN.md, "Start-up".
+                let (subscriber, connections) =
+                    connector.unconnected_subscriber(ADAPTER_CHANNEL_CAPACITY)?;
+                let config = RedisAdapterConfig::new()
+                    .with_prefix(format!("{}:socket.io", settings.redis.prefix))
+                    .with_request_timeout(settings.redis.command_timeout);
+                let adapter = RedisAdapterCtr::new_with_fred_config(subscriber.clone(), config)
+                    .await
+                    .map_err(|e| StartError::Adapter(e.to_string()))?;
+                connections.keep_subscribed(&subscriber, runtime).await;
+                let (svc, io) = builder.with_adapter::<FredAdapter<_>>(adapter).build_svc();
+                let limit = settings.redis.command_timeout * 2;
+                match tokio::time::timeout(limit, chat::register(&io, chat)).await {
+                    Ok(Ok(())) => Ok(mount(routes, svc, io)),
+                    Ok(Err(e)) => Err(StartError::Adapter(e.to_string())),
+                    Err(_) => Err(StartError::Adapter("timed out".into())),
+                }
+            }
+        }
+    }
+}
+
+/// The Socket.IO layer's limits and buffers, from the settings.
 fn socket_io_builder(settings: &Settings) -> SocketIoBuilder {
-    let max_payload = settings.chat.max_payload_bytes;
+    let max_payload = settings.limits.max_payload_bytes;
     let max_ws = usize::try_from(max_payload).unwrap_or(usize::MAX);
     SocketIo::builder()
-        .max_buffer_size(settings.chat.max_buffer_size)
-        .ws_read_buffer_size(settings.chat.ws_read_buffer_bytes)
+        .max_buffer_size(settings.transport.max_buffer_size)
+        .ws_read_buffer_size(settings.transport.ws_read_buffer_bytes)
         .max_payload(max_payload)
         // socketioxide's payload limit covers polling only; websocket frames get their own
         .ws_max_message_size(max_ws)
         .ws_max_frame_size(max_ws)
 }
 
-fn closer<A: socketioxide::adapter::Adapter>(
-    io: SocketIo<A>,
-) -> Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send> {
-    Box::new(move || Box::pin(async move { io.close().await }))
+/// Serves Socket.IO wherever `routes` has no route, each request's head copied first
+/// ([`http::own_head`]); returns the router and what closes the sockets on shutdown.
+fn mount<A, S>(routes: Router, svc: S, io: SocketIo<A>) -> (Router, CloseSockets)
+where
+    A: Adapter + DefinedAdapter,
+    S: tower::Service<Request<Body>, Error = Infallible> + Clone + Send + Sync + 'static,
+    S::Response: IntoResponse + 'static,
+    S::Future: Send + 'static,
+{
+    let router = routes.fallback_service(svc.map_request(http::own_head::<Body>));
+    let close: CloseSockets = Box::new(move || Box::pin(async move { io.close().await }));
+    (router, close)
 }
 
 fn host_name() -> String {
@@ -282,7 +325,7 @@ impl App {
     /// so clients reconnect elsewhere, the write in progress finishes (acked or not, never
     /// half), background tasks stop and the pools close.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let stop_accepting = CancellationToken::new();
+        let stop_accepting = tokio_util::sync::CancellationToken::new();
         // Without TCP_NODELAY each small frame (an ack, one message) can wait for the peer's
         // delayed ACK; measured here as about 5x fewer acked sends per second.
         let listener = self.listener.tap_io(|tcp| {
@@ -302,9 +345,10 @@ impl App {
         }
         stop_accepting.cancel();
         (self.close_sockets)().await;
-        self.cancel.cancel();
-        self.tasks.close();
-        if tokio::time::timeout(self.drain_timeout, self.tasks.wait())
+        let Runtime { tasks, cancel, .. } = &self.runtime;
+        cancel.cancel();
+        tasks.close();
+        if tokio::time::timeout(self.drain_timeout, tasks.wait())
             .await
             .is_err()
         {

@@ -12,18 +12,32 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard, atomic::Ordering::Relaxed},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use tokio::{sync::Notify, task::JoinHandle};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    log::RecoveryLog,
-    metrics::{ErrorKind, Metrics, ReplaySource},
+    config::Settings,
+    metrics::{ErrorKind, ReplaySource},
+    recovery::RecoveryLog,
+    runtime::Runtime,
     store::{Message, Store, StoreError},
 };
+
+/// Most messages a subscribe replays from the ring while holding the feed lock; a socket further
+/// behind gets a catch-up task, so one reconnect never holds up every release for long.
+const REPLAY_UNDER_LOCK: i64 = 64;
+/// A catch-up waiting for room in a full socket buffer backs off from this...
+const SEND_BACKOFF_MIN: Duration = Duration::from_millis(1);
+/// ...doubling up to this.
+const SEND_BACKOFF_MAX: Duration = Duration::from_millis(20);
+/// A catch-up whose read failed (store or log down) tries again after this long.
+const READ_RETRY: Duration = Duration::from_millis(200);
+/// A catch-up that found nothing above its cursor although the feed's head is higher (only
+/// while the store is being restored) looks again after this long.
+const STORE_BEHIND_PAUSE: Duration = Duration::from_millis(100);
 
 /// A catch-up page and where it came from.
 type PageResult = Result<(Vec<Arc<Message>>, ReplaySource), StoreError>;
@@ -63,6 +77,18 @@ pub struct FeedOptions {
     pub slow_consumer_timeout: Duration,
 }
 
+impl From<&Settings> for FeedOptions {
+    fn from(settings: &Settings) -> Self {
+        Self {
+            gap_timeout: settings.feed.gap_timeout,
+            poll_interval: settings.feed.poll_interval,
+            ring_capacity: settings.feed.ring_capacity,
+            page_size: settings.store.page_size,
+            slow_consumer_timeout: settings.transport.slow_consumer_timeout,
+        }
+    }
+}
+
 /// A cheap handle to the node's feed.
 #[derive(Clone)]
 pub struct Feed {
@@ -75,11 +101,9 @@ struct Inner {
     /// Where released messages are logged, and catch-ups read before the store.
     log: Arc<dyn RecoveryLog>,
     options: FeedOptions,
-    metrics: Arc<Metrics>,
     /// Wakes the filler when a hole opens.
     hole: Notify,
-    tasks: TaskTracker,
-    cancel: CancellationToken,
+    runtime: Runtime,
 }
 
 struct State {
@@ -87,9 +111,53 @@ struct State {
     head: i64,
     /// The newest released messages, contiguous, the last one at `head`.
     ring: VecDeque<Arc<Message>>,
-    /// Messages above `head + 1` waiting for the hole below them to fill.
-    pending: BTreeMap<i64, Arc<Message>>,
+    /// Messages above `head + 1` waiting for the hole below them to fill, with when they came.
+    pending: BTreeMap<i64, (Instant, Arc<Message>)>,
     subscribers: HashMap<SubscriberId, Subscriber>,
+}
+
+/// A page read ahead for a catch-up: the page after `after`.
+struct Prefetch {
+    after: i64,
+    read: JoinHandle<PageResult>,
+}
+
+/// Where a catching-up subscriber stands.
+enum Position {
+    /// Its cursor reached the head: it was turned live.
+    Live,
+    /// It unsubscribed.
+    Gone,
+    /// Behind: its sink and cursor, and the next page when the ring still holds it.
+    Behind {
+        sink: Arc<dyn Sink>,
+        cursor: i64,
+        ring_page: Option<Vec<Arc<Message>>>,
+    },
+}
+
+impl State {
+    /// Moves `head` over every pending message that continues it, keeping each in the ring;
+    /// returns them in offset order with when they arrived.
+    fn release_contiguous(&mut self, ring_capacity: usize) -> Vec<(Instant, Arc<Message>)> {
+        let mut released = Vec::new();
+        while let Some((arrived, message)) = self.pending.remove(&(self.head + 1)) {
+            self.head = message.offset;
+            if self.ring.len() == ring_capacity {
+                self.ring.pop_front();
+            }
+            self.ring.push_back(message.clone());
+            released.push((arrived, message));
+        }
+        released
+    }
+
+    /// The ring's messages after `after`, when the ring still holds `after + 1`.
+    fn ring_after(&self, after: i64) -> Option<impl Iterator<Item = &Arc<Message>>> {
+        let start = self.ring.front()?.offset;
+        let skip = usize::try_from(after + 1 - start).ok()?;
+        Some(self.ring.range(skip.min(self.ring.len())..))
+    }
 }
 
 struct Subscriber {
@@ -107,9 +175,7 @@ impl Feed {
         store: Arc<dyn Store>,
         log: Arc<dyn RecoveryLog>,
         options: FeedOptions,
-        metrics: Arc<Metrics>,
-        tasks: TaskTracker,
-        cancel: CancellationToken,
+        runtime: &Runtime,
     ) -> Self {
         let feed = Feed {
             inner: Arc::new(Inner {
@@ -122,13 +188,11 @@ impl Feed {
                 store,
                 log,
                 options,
-                metrics,
                 hole: Notify::new(),
-                tasks: tasks.clone(),
-                cancel,
+                runtime: runtime.clone(),
             }),
         };
-        tasks.spawn(feed.clone().fill());
+        runtime.spawn(feed.clone().fill());
         feed
     }
 
@@ -139,32 +203,26 @@ impl Feed {
 
     /// Takes committed messages from any source, in any order, duplicates allowed.
     pub fn ingest(&self, messages: impl IntoIterator<Item = Arc<Message>>) {
+        let arrived = Instant::now();
         let mut state = self.lock();
         for message in messages {
             if message.offset > state.head {
-                state.pending.insert(message.offset, message);
+                state.pending.insert(message.offset, (arrived, message));
             }
         }
-        let mut released = Vec::new();
-        loop {
-            let next = state.head + 1;
-            let Some(message) = state.pending.remove(&next) else {
-                break;
-            };
-            state.head = next;
-            if state.ring.len() == self.inner.options.ring_capacity {
-                state.ring.pop_front();
-            }
-            state.ring.push_back(message.clone());
-            released.push(message);
-        }
+        let released = state.release_contiguous(self.inner.options.ring_capacity);
         if !released.is_empty() {
-            self.inner
-                .metrics
-                .feed_messages
-                .fetch_add(released.len() as u64, Relaxed);
-            self.inner.log.append(&released);
-            self.release(&mut state, &released);
+            let messages: Vec<Arc<Message>> = released.iter().map(|(_, m)| m.clone()).collect();
+            let metrics = &self.inner.runtime.metrics;
+            metrics.feed_messages.inc_by(messages.len() as u64);
+            self.inner.log.append(&messages);
+            self.release(&mut state, &messages);
+            let handed_off = Instant::now();
+            for (arrived, _) in &released {
+                metrics
+                    .delivery
+                    .observe(handed_off.duration_since(*arrived).as_secs_f64());
+            }
         }
         let hole = !state.pending.is_empty();
         drop(state);
@@ -200,7 +258,7 @@ impl Feed {
                 }
             }
         }
-        self.inner.metrics.deliveries.fetch_add(delivered, Relaxed);
+        self.inner.runtime.metrics.deliveries.inc_by(delivered);
         for id in gone {
             state.subscribers.remove(&id);
         }
@@ -212,37 +270,35 @@ impl Feed {
     /// Adds a socket that has seen everything up to `after`; it gets the rest, then live ones.
     pub fn subscribe(&self, id: SubscriberId, sink: Arc<dyn Sink>, after: i64) {
         let mut state = self.lock();
-        let head = state.head;
         let mut sub = Subscriber {
             sink,
             cursor: after,
             live: true,
         };
-        if after < head {
+        if after < state.head {
             // Serve from memory right here when the ring reaches back far enough and the socket
             // has room; otherwise a catch-up task takes over (the socket is not live until then).
-            let start = state.ring.front().map_or(i64::MAX, |m| m.offset);
-            if after + 1 >= start && usize::try_from(head - after).is_ok_and(|n| n <= 64) {
-                self.inner.metrics.replay(ReplaySource::Memory);
-                for message in state
-                    .ring
-                    .range(usize::try_from(after + 1 - start).unwrap_or(0)..)
-                {
-                    match sub.sink.send(message) {
-                        Ok(()) => sub.cursor = message.offset,
-                        Err(SinkError::Full) => {
-                            sub.live = false;
-                            break;
+            let near = state.head - after <= REPLAY_UNDER_LOCK;
+            match state.ring_after(after).filter(|_| near) {
+                Some(missed) => {
+                    let metrics = &self.inner.runtime.metrics;
+                    metrics.replay_started(ReplaySource::Ring);
+                    metrics.replay_read(ReplaySource::Ring);
+                    for message in missed {
+                        match sub.sink.send(message) {
+                            Ok(()) => sub.cursor = message.offset,
+                            Err(SinkError::Full) => {
+                                sub.live = false;
+                                break;
+                            }
+                            Err(SinkError::Closed) => return,
                         }
-                        Err(SinkError::Closed) => return,
                     }
+                    let sent = (sub.cursor - after) as u64;
+                    metrics.replayed(ReplaySource::Ring, sent);
+                    metrics.deliveries.inc_by(sent);
                 }
-                self.inner.metrics.replay_read(ReplaySource::Memory);
-                self.inner
-                    .metrics
-                    .replayed(ReplaySource::Memory, (sub.cursor - after) as u64);
-            } else {
-                sub.live = false;
+                None => sub.live = false,
             }
         }
         let live = sub.live;
@@ -274,8 +330,8 @@ impl Feed {
 
     fn spawn_catch_up(&self, id: SubscriberId) {
         let feed = self.clone();
-        let cancel = self.inner.cancel.clone();
-        self.inner.tasks.spawn(async move {
+        let cancel = self.inner.runtime.cancel.clone();
+        self.inner.runtime.spawn(async move {
             tokio::select! {
                 () = feed.catch_up(id) => {}
                 () = cancel.cancelled() => {}
@@ -283,108 +339,157 @@ impl Feed {
         });
     }
 
-    /// Feeds one subscriber until its cursor reaches `head`, then makes it live.
+    /// Feeds one subscriber page by page until its cursor reaches `head`, then makes it live.
+    /// Each page comes from the ring when it still holds `cursor + 1`, else the recovery log,
+    /// else the store (`docs/DESIGN.md`, "A catch-up, page by page").
     async fn catch_up(self, id: SubscriberId) {
-        let page_size = self.inner.options.page_size;
-        let mut counted = None;
+        let metrics = self.inner.runtime.metrics.clone();
+        let started = Instant::now();
+        let mut first_source = None;
         // The next log or store page, read while the current one is being sent.
-        let mut prefetched: Option<(i64, JoinHandle<PageResult>)> = None;
+        let mut prefetched: Option<Prefetch> = None;
         loop {
-            let (sink, cursor, from_ring) = {
-                let mut state = self.lock();
-                let head = state.head;
-                let start = state.ring.front().map_or(i64::MAX, |m| m.offset);
-                let Some(sub) = state.subscribers.get_mut(&id) else {
-                    return;
-                };
-                if sub.cursor >= head {
-                    sub.live = true;
+            let (sink, cursor, ring_page) = match self.position(&id) {
+                Position::Live => {
+                    metrics.replay.observe(started.elapsed().as_secs_f64());
                     return;
                 }
-                let cursor = sub.cursor;
-                let sink = sub.sink.clone();
-                let from_ring: Option<Vec<Arc<Message>>> = (cursor + 1 >= start).then(|| {
-                    let skip = usize::try_from(cursor + 1 - start).unwrap_or(0);
-                    state.ring.range(skip..).take(page_size).cloned().collect()
-                });
-                (sink, cursor, from_ring)
+                Position::Gone => return,
+                Position::Behind {
+                    sink,
+                    cursor,
+                    ring_page,
+                } => (sink, cursor, ring_page),
             };
-            let (page, source) = match from_ring {
+            let (page, source) = match ring_page {
                 Some(page) => {
-                    self.inner.metrics.replay_read(ReplaySource::Memory);
-                    (page, ReplaySource::Memory)
+                    metrics.replay_read(ReplaySource::Ring);
+                    (page, ReplaySource::Ring)
                 }
                 None => match self.next_page(&id, cursor, prefetched.take()).await {
                     Ok(found) => found,
                     Err(error) => {
-                        self.inner.metrics.error(ErrorKind::Store);
+                        metrics.error(ErrorKind::Store);
                         tracing::warn!(error = %error, subscriber = %id, "catch-up read failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::time::sleep(READ_RETRY).await;
                         continue;
                     }
                 },
             };
-            if counted.is_none() {
-                counted = Some(source);
-                self.inner.metrics.replay(source);
+            if first_source.is_none() {
+                first_source = Some(source);
+                metrics.replay_started(source);
             }
-            if source != ReplaySource::Memory
-                && page.len() == page_size
-                && let Some(last) = page.last()
-            {
-                let (feed, id, after) = (self.clone(), id.clone(), last.offset);
-                let read = self
-                    .inner
-                    .tasks
-                    .spawn(async move { feed.page_after(&id, after).await });
-                prefetched = Some((after, read));
-            }
-            let mut last = cursor;
-            for message in &page {
-                match self.send_when_room(&*sink, message).await {
-                    Ok(()) => last = message.offset,
-                    Err(SinkError::Closed) => {
-                        self.unsubscribe(&id);
-                        return;
-                    }
-                    Err(SinkError::Full) => {
-                        self.inner.metrics.error(ErrorKind::SlowConsumer);
-                        tracing::info!(subscriber = %id, "disconnecting a socket that stopped reading");
-                        self.unsubscribe(&id);
-                        sink.disconnect();
-                        return;
-                    }
-                }
-            }
-            self.inner.metrics.replayed(source, (last - cursor) as u64);
-            self.inner
-                .metrics
-                .deliveries
-                .fetch_add((last - cursor) as u64, Relaxed);
+            prefetched = self.prefetch(&id, &page, source);
+            let Some(last) = self.send_page(&id, &*sink, cursor, &page).await else {
+                return;
+            };
+            let sent = (last - cursor) as u64;
+            metrics.replayed(source, sent);
+            metrics.deliveries.inc_by(sent);
             if let Some(sub) = self.lock().subscribers.get_mut(&id) {
                 sub.cursor = last;
             }
             if page.is_empty() {
-                // The store has nothing above the cursor although the feed's head is higher:
-                // only possible while the store is being restored; wait for it.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(STORE_BEHIND_PAUSE).await;
             }
         }
     }
 
-    /// The page after `cursor`: the one prefetched for it if there is one, else read now.
-    async fn next_page(
+    /// Where a catching-up subscriber stands, under the lock: turned live if its cursor reached
+    /// the head (so no release can slip between the check and the switch), else what it needs.
+    fn position(&self, id: &str) -> Position {
+        let mut state = self.lock();
+        let head = state.head;
+        let ring_page = {
+            let Some(sub) = state.subscribers.get(id) else {
+                return Position::Gone;
+            };
+            if sub.cursor >= head {
+                None
+            } else {
+                Some((
+                    sub.sink.clone(),
+                    sub.cursor,
+                    state
+                        .ring_after(sub.cursor)
+                        .map(|m| m.take(self.inner.options.page_size).cloned().collect()),
+                ))
+            }
+        };
+        match ring_page {
+            None => {
+                if let Some(sub) = state.subscribers.get_mut(id) {
+                    sub.live = true;
+                }
+                Position::Live
+            }
+            Some((sink, cursor, ring_page)) => Position::Behind {
+                sink,
+                cursor,
+                ring_page,
+            },
+        }
+    }
+
+    /// Starts reading the page after a full log or store page, so it is ready when this one is
+    /// sent. A short page is the last one; the ring needs no read.
+    fn prefetch(
+        &self,
+        id: &SubscriberId,
+        page: &[Arc<Message>],
+        source: ReplaySource,
+    ) -> Option<Prefetch> {
+        if source == ReplaySource::Ring || page.len() < self.inner.options.page_size {
+            return None;
+        }
+        let after = page.last()?.offset;
+        let (feed, id) = (self.clone(), id.clone());
+        let read = self
+            .inner
+            .runtime
+            .tasks
+            .spawn(async move { feed.page_after(&id, after).await });
+        Some(Prefetch { after, read })
+    }
+
+    /// Sends a page with backpressure; the offset of its last message (`cursor` for an empty
+    /// page), or `None` when the socket is gone or was cut off as a slow consumer.
+    async fn send_page(
         &self,
         id: &str,
+        sink: &dyn Sink,
         cursor: i64,
-        prefetched: Option<(i64, JoinHandle<PageResult>)>,
-    ) -> PageResult {
+        page: &[Arc<Message>],
+    ) -> Option<i64> {
+        let mut last = cursor;
+        for message in page {
+            match self.send_when_room(sink, message).await {
+                Ok(()) => last = message.offset,
+                Err(SinkError::Closed) => {
+                    self.unsubscribe(id);
+                    return None;
+                }
+                Err(SinkError::Full) => {
+                    self.inner.runtime.metrics.error(ErrorKind::SlowConsumer);
+                    tracing::info!(subscriber = %id, "disconnecting a socket that stopped reading");
+                    self.unsubscribe(id);
+                    sink.disconnect();
+                    return None;
+                }
+            }
+        }
+        Some(last)
+    }
+
+    /// The page after `cursor`: the one prefetched for it if there is one, else read now.
+    async fn next_page(&self, id: &str, cursor: i64, prefetched: Option<Prefetch>) -> PageResult {
         match prefetched {
-            Some((after, read)) if after == cursor => match read.await {
+            Some(Prefetch { after, read }) if after == cursor => match read.await {
                 Ok(result) => result,
                 Err(_) => self.page_after(id, cursor).await,
             },
-            Some((_, read)) => {
+            Some(Prefetch { read, .. }) => {
                 read.abort();
                 self.page_after(id, cursor).await
             }
@@ -396,16 +501,17 @@ impl Feed {
     /// not hold `cursor + 1` (or cannot be read).
     async fn page_after(&self, id: &str, cursor: i64) -> PageResult {
         let page_size = self.inner.options.page_size;
-        self.inner.metrics.replay_read(ReplaySource::Stream);
+        let metrics = &self.inner.runtime.metrics;
+        metrics.replay_read(ReplaySource::Log);
         match self.inner.log.read_after(cursor, page_size).await {
-            Ok(page) if !page.is_empty() => return Ok((page, ReplaySource::Stream)),
+            Ok(page) if !page.is_empty() => return Ok((page, ReplaySource::Log)),
             Ok(_) => {}
             Err(error) => {
-                self.inner.metrics.error(ErrorKind::Bus);
+                metrics.error(ErrorKind::RecoveryLog);
                 tracing::debug!(error = %error, subscriber = %id, "recovery log unreadable; reading the store");
             }
         }
-        self.inner.metrics.replay_read(ReplaySource::Database);
+        metrics.replay_read(ReplaySource::Database);
         let rows = self.inner.store.read_after(cursor, page_size).await?;
         Ok((
             rows.into_iter().map(Arc::new).collect(),
@@ -417,7 +523,7 @@ impl Feed {
     /// with `Full` after the slow-consumer timeout.
     async fn send_when_room(&self, sink: &dyn Sink, message: &Message) -> Result<(), SinkError> {
         let started = Instant::now();
-        let mut pause = Duration::from_millis(1);
+        let mut pause = SEND_BACKOFF_MIN;
         loop {
             match sink.send(message) {
                 Err(SinkError::Full) => {
@@ -425,7 +531,7 @@ impl Feed {
                         return Err(SinkError::Full);
                     }
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(20));
+                    pause = (pause * 2).min(SEND_BACKOFF_MAX);
                 }
                 other => return other,
             }
@@ -441,10 +547,10 @@ impl Feed {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let polled = tokio::select! {
-                () = self.inner.cancel.cancelled() => return,
+                () = self.inner.runtime.cancel.cancelled() => return,
                 () = self.inner.hole.notified() => {
                     tokio::select! {
-                        () = self.inner.cancel.cancelled() => return,
+                        () = self.inner.runtime.cancel.cancelled() => return,
                         () = tokio::time::sleep(options.gap_timeout) => {}
                     }
                     false
@@ -452,13 +558,13 @@ impl Feed {
                 _ = poll.tick() => true,
             };
             if let Err(error) = self.fill_once(polled).await {
-                self.inner.metrics.error(ErrorKind::Store);
+                self.inner.runtime.metrics.error(ErrorKind::Store);
                 tracing::warn!(error = %error, "feed could not read the store; will retry");
             }
         }
     }
 
-    async fn fill_once(&self, polled: bool) -> Result<(), crate::store::StoreError> {
+    async fn fill_once(&self, polled: bool) -> Result<(), StoreError> {
         loop {
             let (head, hole) = {
                 let state = self.lock();
@@ -480,9 +586,10 @@ impl Feed {
                 return Ok(());
             }
             self.inner
+                .runtime
                 .metrics
                 .gap_fills
-                .fetch_add(rows.len() as u64, Relaxed);
+                .inc_by(rows.len() as u64);
             self.ingest(rows.into_iter().map(Arc::new));
         }
     }

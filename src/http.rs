@@ -24,8 +24,6 @@ const CLIENT_BUNDLE: &str = include_str!("../assets/socket.io.min.js");
 
 /// What the HTTP handlers read.
 pub struct HttpState {
-    /// This node's name, a label on every metric.
-    pub node_id: Arc<str>,
     /// Checked by readiness.
     pub store: Arc<dyn Store>,
     /// Checked by readiness in cluster mode.
@@ -96,9 +94,9 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(&state.node_id),
+        state.metrics.render(),
     )
         .into_response()
 }

@@ -2,18 +2,16 @@
 //! hands the new messages to the feed (local sockets) and the bus (other nodes), then answers
 //! each sender. A send is answered `Ok` only after its transaction committed.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, atomic::Ordering::Relaxed},
-};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     bus::Bus,
     feed::Feed,
     metrics::{ErrorKind, Metrics},
+    runtime::Runtime,
     store::{Appended, Message, NewMessage, Store},
 };
 
@@ -48,12 +46,11 @@ impl Writer {
         feed: Feed,
         bus: Option<Bus>,
         batch_max: usize,
-        metrics: Arc<Metrics>,
-        tasks: &TaskTracker,
-        cancel: CancellationToken,
+        runtime: &Runtime,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tasks.spawn(run(rx, store, feed, bus, batch_max, metrics, cancel));
+        let (metrics, cancel) = (runtime.metrics.clone(), runtime.cancel.clone());
+        runtime.spawn(run(rx, store, feed, bus, batch_max, metrics, cancel));
         Self { tx }
     }
 
@@ -114,81 +111,36 @@ async fn commit(
     bus: Option<&Bus>,
     metrics: &Metrics,
 ) {
-    // The same message twice in one batch (a retry racing its original) is stored once:
-    // `slots[i]` is the position in `unique` that answers submission i. A message is its client
-    // offset and its content (see `NewMessage::client_offset`).
-    let mut unique: Vec<NewMessage> = Vec::with_capacity(batch.len());
-    let mut slots = Vec::with_capacity(batch.len());
-    let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
-    for submission in batch.iter() {
-        let message = &submission.message;
-        let key = message
-            .client_offset
-            .as_deref()
-            .map(|offset| (offset, message.content.as_str()));
-        let slot = match key.and_then(|k| seen.get(&k).copied()) {
-            Some(slot) => slot,
-            None => {
-                if let Some(k) = key {
-                    seen.insert(k, unique.len());
-                }
-                unique.push(submission.message.clone());
-                unique.len() - 1
-            }
-        };
-        slots.push(slot);
-    }
-    drop(seen);
-
-    let started = std::time::Instant::now();
-    let result = store.append(&unique).await;
-    let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    metrics.store_append_micros.fetch_add(waited, Relaxed);
+    let folded = Folded::new(batch.iter().map(|s| &s.message));
+    let started = Instant::now();
+    let result = store.append(&folded.unique).await;
+    metrics
+        .store_append
+        .observe(started.elapsed().as_secs_f64());
     let results: Vec<Result<Appended, WriteError>> = match result {
         Ok(appended) => {
-            metrics.store_batches.fetch_add(1, Relaxed);
-            let fresh: Vec<Arc<Message>> = appended
-                .iter()
-                .zip(unique)
-                .filter_map(|(a, m)| match a {
-                    Appended::Inserted(offset) => Some(Arc::new(Message {
-                        offset: *offset,
-                        content: m.content,
-                    })),
-                    Appended::Existing(_) => None,
-                })
-                .collect();
-            metrics
-                .messages_stored
-                .fetch_add(fresh.len() as u64, Relaxed);
+            metrics.store_batches.inc();
+            let answers = folded.answers(&appended);
+            let fresh = fresh_messages(&appended, folded.unique);
+            metrics.messages_stored.inc_by(fresh.len() as u64);
             if !fresh.is_empty() {
                 feed.ingest(fresh.iter().cloned());
                 if let Some(bus) = bus {
                     bus.publish(fresh);
                 }
             }
-            let mut first_use = vec![true; appended.len()];
-            slots
+            let duplicates = answers
                 .iter()
-                .map(|&slot| {
-                    // A later copy of a client offset within this batch is a duplicate.
-                    let a = match appended[slot] {
-                        Appended::Inserted(o) if !first_use[slot] => Appended::Existing(o),
-                        a => a,
-                    };
-                    first_use[slot] = false;
-                    if matches!(a, Appended::Existing(_)) {
-                        metrics.duplicates.fetch_add(1, Relaxed);
-                    }
-                    Ok(a)
-                })
-                .collect()
+                .filter(|a| matches!(a, Appended::Existing(_)))
+                .count();
+            metrics.duplicates.inc_by(duplicates as u64);
+            answers.into_iter().map(Ok).collect()
         }
         Err(error) => {
             metrics.error(ErrorKind::Store);
             tracing::warn!(error = %error, cause = ?std::error::Error::source(&error), size = batch.len(), "batch not stored; senders get no ack");
             let text = error.to_string();
-            slots
+            batch
                 .iter()
                 .map(|_| Err(WriteError::Store(text.clone())))
                 .collect()
@@ -199,6 +151,75 @@ async fn commit(
     }
 }
 
+/// A batch with the copies of one message folded into one (a retry racing its original), so the
+/// store sees distinct messages. A message is its client offset and its content together
+/// (`docs/DESIGN.md`, "Write path"); a send without a client offset is never a copy.
+#[derive(Debug)]
+struct Folded {
+    /// What to store, in first-seen order.
+    unique: Vec<NewMessage>,
+    /// For each submission, the position in `unique` that answers it.
+    slots: Vec<usize>,
+}
+
+impl Folded {
+    fn new<'a>(messages: impl ExactSizeIterator<Item = &'a NewMessage>) -> Self {
+        let mut unique: Vec<NewMessage> = Vec::with_capacity(messages.len());
+        let mut slots = Vec::with_capacity(messages.len());
+        let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+        for message in messages {
+            let key = message
+                .client_offset
+                .as_deref()
+                .map(|offset| (offset, message.content.as_str()));
+            let slot = match key.and_then(|k| seen.get(&k).copied()) {
+                Some(slot) => slot,
+                None => {
+                    if let Some(k) = key {
+                        seen.insert(k, unique.len());
+                    }
+                    unique.push(message.clone());
+                    unique.len() - 1
+                }
+            };
+            slots.push(slot);
+        }
+        Self { unique, slots }
+    }
+
+    /// Each submission's answer, given what the store did with `unique`: a later copy of a
+    /// message stored by this batch is answered as a duplicate of it.
+    fn answers(&self, appended: &[Appended]) -> Vec<Appended> {
+        let mut first_use = vec![true; appended.len()];
+        self.slots
+            .iter()
+            .map(|&slot| {
+                let answer = match appended[slot] {
+                    Appended::Inserted(offset) if !first_use[slot] => Appended::Existing(offset),
+                    other => other,
+                };
+                first_use[slot] = false;
+                answer
+            })
+            .collect()
+    }
+}
+
+/// The messages this append stored now, with their offsets (not those stored before).
+fn fresh_messages(appended: &[Appended], unique: Vec<NewMessage>) -> Vec<Arc<Message>> {
+    appended
+        .iter()
+        .zip(unique)
+        .filter_map(|(a, m)| match a {
+            Appended::Inserted(offset) => Some(Arc::new(Message {
+                offset: *offset,
+                content: m.content,
+            })),
+            Appended::Existing(_) => None,
+        })
+        .collect()
+}
+
 fn answer(
     reply: oneshot::Sender<Result<Appended, WriteError>>,
     result: Result<Appended, WriteError>,
@@ -207,5 +228,69 @@ fn answer(
     // a retry finds it there.
     if reply.send(result).is_err() {
         tracing::debug!("a sender left before its write was answered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(offset: Option<&str>, content: &str) -> NewMessage {
+        NewMessage {
+            client_offset: offset.map(str::to_owned),
+            content: content.to_owned(),
+        }
+    }
+
+    #[test]
+    fn copies_of_a_message_are_stored_once_and_answered_as_duplicates() {
+        let batch = [
+            send(Some("a-1"), "hi"),
+            send(Some("a-1"), "hi"),
+            // Same client offset, other content: another message (offsets queued offline).
+            send(Some("a-1"), "ho"),
+            send(None, "hi"),
+            send(None, "hi"),
+            send(Some("a-1"), "hi"),
+        ];
+        let folded = Folded::new(batch.iter());
+        let stored: Vec<(Option<&str>, &str)> = folded
+            .unique
+            .iter()
+            .map(|m| (m.client_offset.as_deref(), m.content.as_str()))
+            .collect();
+        assert_eq!(
+            stored,
+            [
+                (Some("a-1"), "hi"),
+                (Some("a-1"), "ho"),
+                (None, "hi"),
+                (None, "hi")
+            ]
+        );
+        assert_eq!(folded.slots, [0, 0, 1, 2, 3, 0]);
+
+        let appended = [
+            Appended::Inserted(7),
+            Appended::Existing(3),
+            Appended::Inserted(8),
+            Appended::Inserted(9),
+        ];
+        assert_eq!(
+            folded.answers(&appended),
+            [
+                Appended::Inserted(7),
+                Appended::Existing(7),
+                Appended::Existing(3),
+                Appended::Inserted(8),
+                Appended::Inserted(9),
+                Appended::Existing(7),
+            ]
+        );
+        let fresh: Vec<i64> = fresh_messages(&appended, folded.unique)
+            .iter()
+            .map(|m| m.offset)
+            .collect();
+        assert_eq!(fresh, [7, 8, 9]);
     }
 }

@@ -1,6 +1,6 @@
 //! The handshake: validate `auth.serverOffset`, then subscribe the socket to the feed from there.
 
-use std::sync::{Arc, atomic::Ordering::Relaxed};
+use std::sync::Arc;
 
 use serde_json::Value;
 use socketioxide::{adapter::Adapter, extract::SocketRef, socket::DisconnectReason};
@@ -88,7 +88,7 @@ pub(super) async fn check_auth(
 /// A socket joined: wire its handlers, then subscribe it after the offset it asked for.
 /// Synchronous on purpose, so the handlers exist before the socket's first event is read.
 pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, chat: Arc<Chat>) {
-    chat.metrics.connections.fetch_add(1, Relaxed);
+    chat.metrics.connections.inc();
     let id: Arc<str> = socket.id.to_string().into();
 
     let on_disconnect = chat.clone();
@@ -98,7 +98,7 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
         let id = disconnect_id.clone();
         async move {
             chat.feed.unsubscribe(&id);
-            chat.metrics.connections.fetch_sub(1, Relaxed);
+            chat.metrics.connections.dec();
         }
     });
     messages::wire(&socket, chat.clone());

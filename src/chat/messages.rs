@@ -1,8 +1,11 @@
 //! `chat message` from clients: validate, store once, ack after commit.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering::Relaxed},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Instant,
 };
 
 use serde::Serialize;
@@ -14,7 +17,8 @@ use socketioxide::{
 
 use super::{CHAT_MESSAGE, Chat};
 use crate::{
-    metrics::ErrorKind,
+    config::LimitSettings,
+    metrics::{ErrorKind, Metrics},
     store::{Appended, NewMessage},
     writer::WriteError,
 };
@@ -28,6 +32,16 @@ pub struct Limits {
     pub max_client_offset_chars: usize,
     /// Most sends of one socket waiting for their ack at once.
     pub max_in_flight: usize,
+}
+
+impl From<&LimitSettings> for Limits {
+    fn from(settings: &LimitSettings) -> Self {
+        Self {
+            max_message_chars: settings.max_message_chars,
+            max_client_offset_chars: settings.max_client_offset_chars,
+            max_in_flight: settings.max_in_flight,
+        }
+    }
 }
 
 /// A permanent rejection: acked with `{ "error": { "code", "message" } }` so the client stops
@@ -149,17 +163,19 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>) {
     socket.on(
         CHAT_MESSAGE,
         move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
+            let arrived = Instant::now();
             let queued = queue_send(args.ok().map(|a| a.0), &chat, &in_flight);
             let (chat, in_flight) = (chat.clone(), in_flight.clone());
             async move {
                 match queued {
-                    Err(error) => reject(ack, &error, &chat),
+                    Err(error) => reject(ack, &error, &chat.metrics),
                     Ok(stored) => {
                         let result = stored.await;
                         in_flight.fetch_sub(1, Relaxed);
                         answer(&socket, ack, result);
                     }
                 }
+                chat.metrics.ack.observe(arrived.elapsed().as_secs_f64());
             }
         },
     );
@@ -204,8 +220,8 @@ fn answer<A: Adapter>(
     }
 }
 
-fn reject<A: Adapter>(ack: AckSender<A>, error: &InputError, chat: &Chat) {
-    chat.metrics.error(ErrorKind::InvalidInput);
+fn reject<A: Adapter>(ack: AckSender<A>, error: &InputError, metrics: &Metrics) {
+    metrics.error(ErrorKind::InvalidInput);
     let body = ErrorAck {
         error: ErrorBody {
             code: error.code(),

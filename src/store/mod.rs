@@ -20,10 +20,7 @@ use crate::config::Settings;
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     /// The client's idempotency key; `None` for clients that send none (stored once per emit).
-    /// A retry repeats both this and the content, so a message is identified by the two
-    /// together: the tutorial's client builds the key from `socket.id`, which is undefined while
-    /// it is disconnected, so messages queued offline by different clients share keys such as
-    /// `"undefined-3"`.
+    /// Together with the content it identifies a message (`docs/DESIGN.md`, "Write path").
     pub client_offset: Option<String>,
     /// The text.
     pub content: String,
@@ -43,7 +40,8 @@ pub struct Message {
 pub enum Appended {
     /// Stored now, at this offset.
     Inserted(i64),
-    /// The client offset was stored before, at this offset; nothing was written.
+    /// The same message (client offset and content) was stored before, at this offset;
+    /// nothing was written.
     Existing(i64),
 }
 
@@ -87,7 +85,7 @@ pub trait Store: Send + Sync + 'static {
 /// Opens the backend the URL names, runs its migrations and returns it.
 pub async fn connect(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> {
     let url = settings.database_url.as_str();
-    let timeout = Duration::from_millis(settings.store.timeout_ms);
+    let timeout = settings.store.timeout;
     let max = settings.store.max_connections;
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(url, max, timeout).await?))
