@@ -400,9 +400,20 @@ mod tests {
             .collect()
     }
 
+    fn load(pairs: &[(&str, &str)]) -> Settings {
+        Settings::load_from(None, env(pairs)).unwrap()
+    }
+
+    /// The message of the error that `pairs` cause.
+    fn refusal(pairs: &[(&str, &str)]) -> String {
+        Settings::load_from(None, env(pairs))
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn defaults_are_single_node_sqlite() {
-        let s = Settings::load_from(None, env(&[])).unwrap();
+        let s = load(&[]);
         assert_eq!(s.port, 3000);
         assert!(s.database_url.starts_with("sqlite:"));
         assert!(s.redis_url.is_none());
@@ -411,16 +422,12 @@ mod tests {
 
     #[test]
     fn conventional_names_and_prefixed_keys_override() {
-        let s = Settings::load_from(
-            None,
-            env(&[
-                ("PORT", "4000"),
-                ("REDIS_URL", "redis://127.0.0.1:6379"),
-                ("CHORUS__CHAT__HISTORY", "unlimited"),
-                ("CHORUS__STORE__BATCH_MAX", "64"),
-            ]),
-        )
-        .unwrap();
+        let s = load(&[
+            ("PORT", "4000"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("CHORUS__CHAT__HISTORY", "unlimited"),
+            ("CHORUS__STORE__BATCH_MAX", "64"),
+        ]);
         assert_eq!(s.port, 4000);
         assert!(s.clustered());
         assert_eq!(s.chat.history, History::Unlimited);
@@ -429,30 +436,23 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_its_key() {
-        let err = Settings::load_from(None, env(&[("CHORUS__STORE__BATCH_MAX", "lots")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("batch_max"), "{err}");
-        let err = Settings::load_from(None, env(&[("PORT", "http")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("port"), "{err}");
-        let err = Settings::load_from(None, env(&[("DATABASE_URL", "mysql://x")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("DATABASE_URL"), "{err}");
+        for (pair, key) in [
+            (("CHORUS__STORE__BATCH_MAX", "lots"), "batch_max"),
+            (("PORT", "http"), "port"),
+            (("DATABASE_URL", "mysql://x"), "DATABASE_URL"),
+            (("CHORUS__RECOVERY__MAX_LEN", "0"), "recovery.max_len"),
+        ] {
+            let err = refusal(&[pair]);
+            assert!(err.contains(key), "{pair:?}: {err}");
+        }
     }
 
     #[test]
     fn durations_are_read_from_their_unit_keys() {
-        let s = Settings::load_from(
-            None,
-            env(&[
-                ("CHORUS__FEED__GAP_TIMEOUT_MS", "75"),
-                ("CHORUS__RECOVERY__MAX_AGE_SECS", "60"),
-            ]),
-        )
-        .unwrap();
+        let s = load(&[
+            ("CHORUS__FEED__GAP_TIMEOUT_MS", "75"),
+            ("CHORUS__RECOVERY__MAX_AGE_SECS", "60"),
+        ]);
         assert_eq!(s.feed.gap_timeout, Duration::from_millis(75));
         assert_eq!(s.recovery.max_age, Duration::from_secs(60));
         assert_eq!(s.transport.slow_consumer_timeout, Duration::from_secs(30));
@@ -460,17 +460,15 @@ mod tests {
 
     #[test]
     fn a_buffer_too_small_for_a_burst_is_refused() {
-        let err = Settings::load_from(None, env(&[("CHORUS__TRANSPORT__MAX_BUFFER_SIZE", "700")]))
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&[("CHORUS__TRANSPORT__MAX_BUFFER_SIZE", "700")]);
         assert!(err.contains("transport.max_buffer_size"), "{err}");
         assert!(err.contains("768"), "{err}");
-        let fits = env(&[
+        let s = load(&[
             ("CHORUS__TRANSPORT__MAX_BUFFER_SIZE", "64"),
             ("CHORUS__STORE__BATCH_MAX", "32"),
             ("CHORUS__LIMITS__MAX_IN_FLIGHT", "32"),
         ]);
-        assert!(Settings::load_from(None, fits).is_ok());
+        assert_eq!(s.transport.max_buffer_size, 64);
     }
 
     #[test]

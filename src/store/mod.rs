@@ -94,6 +94,112 @@ pub async fn connect(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> 
     }
 }
 
+/// What differs between the backends. [`Store`] is implemented once, for both, on top of it.
+trait Backend: Send + Sync + 'static {
+    /// The sqlx database.
+    type Db: sqlx::Database;
+    /// The query that reads the highest committed offset.
+    const HEAD: &'static str;
+    /// The pool and its time limit.
+    fn pooled(&self) -> &Pooled<Self::Db>;
+    /// [`Store::append`], the one operation whose SQL differs.
+    fn append<'a>(
+        &'a self,
+        batch: &'a [NewMessage],
+    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>>;
+}
+
+impl<B: Backend> Store for B
+where
+    Pooled<B::Db>: Queries,
+{
+    fn append<'a>(
+        &'a self,
+        batch: &'a [NewMessage],
+    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
+        Backend::append(self, batch)
+    }
+
+    fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>> {
+        self.pooled().read_after(after, limit)
+    }
+
+    fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
+        self.pooled().head(B::HEAD)
+    }
+
+    fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>> {
+        self.pooled().epoch()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.pooled().pool.close())
+    }
+}
+
+/// A pool with its time limit.
+struct Pooled<DB: sqlx::Database> {
+    pool: sqlx::Pool<DB>,
+    timeout: Duration,
+}
+
+/// The queries both backends run alike: the SQL is the same (SQLite takes `$N` parameters too).
+trait Queries {
+    fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>>;
+    fn head(&self, sql: &'static str) -> BoxFuture<'_, Result<i64, StoreError>>;
+    fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>>;
+}
+
+impl<DB> Queries for Pooled<DB>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> i64: sqlx::Decode<'r, DB>,
+    for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> Message: sqlx::FromRow<'r, DB::Row>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>> {
+        Box::pin(timed(
+            self.timeout,
+            sqlx::query_as(
+                r#"select id as "offset", content from messages where id > $1 order by id limit $2"#,
+            )
+            .bind(after)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool),
+        ))
+    }
+
+    fn head(&self, sql: &'static str) -> BoxFuture<'_, Result<i64, StoreError>> {
+        Box::pin(timed(
+            self.timeout,
+            sqlx::query_scalar(sql).fetch_one(&self.pool),
+        ))
+    }
+
+    fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>> {
+        Box::pin(timed(
+            self.timeout,
+            sqlx::query_scalar("select epoch from chorus_meta").fetch_one(&self.pool),
+        ))
+    }
+}
+
 /// Runs a query future with the store's time limit.
 async fn timed<T>(
     limit: Duration,

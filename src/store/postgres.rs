@@ -4,17 +4,13 @@
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use sqlx::{
-    PgPool,
-    postgres::{PgConnectOptions, PgPoolOptions},
-};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use super::{Appended, Message, NewMessage, Store, StoreError, timed};
+use super::{Appended, Backend, NewMessage, Pooled, StoreError, timed};
 
 /// Messages in Postgres, shared by every node of a cluster.
 pub struct PgStore {
-    pool: PgPool,
-    timeout: Duration,
+    db: Pooled<sqlx::Postgres>,
 }
 
 impl PgStore {
@@ -31,11 +27,20 @@ impl PgStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Self { pool, timeout })
+        Ok(Self {
+            db: Pooled { pool, timeout },
+        })
     }
 }
 
-impl Store for PgStore {
+impl Backend for PgStore {
+    type Db = sqlx::Postgres;
+    const HEAD: &'static str = "select head from message_head";
+
+    fn pooled(&self) -> &Pooled<sqlx::Postgres> {
+        &self.db
+    }
+
     fn append<'a>(
         &'a self,
         batch: &'a [NewMessage],
@@ -45,11 +50,11 @@ impl Store for PgStore {
                 batch.iter().map(|m| m.client_offset.as_deref()).collect();
             let contents: Vec<&str> = batch.iter().map(|m| m.content.as_str()).collect();
             let rows: Vec<(i64, i64, bool)> = timed(
-                self.timeout,
+                self.db.timeout,
                 sqlx::query_as("select o_ord, o_id, o_inserted from chorus_append($1, $2)")
                     .bind(offsets)
                     .bind(contents)
-                    .fetch_all(&self.pool),
+                    .fetch_all(&self.db.pool),
             )
             .await?;
             Ok(rows
@@ -63,45 +68,5 @@ impl Store for PgStore {
                 })
                 .collect())
         })
-    }
-
-    fn read_after(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>> {
-        Box::pin(async move {
-            timed(
-                self.timeout,
-                sqlx::query_as(
-                    r#"select id as "offset", content from messages where id > $1 order by id limit $2"#,
-                )
-                .bind(after)
-                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch_all(&self.pool),
-            )
-            .await
-        })
-    }
-
-    fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
-        Box::pin(async move {
-            timed(
-                self.timeout,
-                sqlx::query_scalar("select head from message_head").fetch_one(&self.pool),
-            )
-            .await
-        })
-    }
-
-    fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>> {
-        Box::pin(timed(
-            self.timeout,
-            sqlx::query_scalar("select epoch from chorus_meta").fetch_one(&self.pool),
-        ))
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.pool.close())
     }
 }

@@ -3,17 +3,13 @@
 use std::{str::FromStr, time::Duration};
 
 use futures_util::future::BoxFuture;
-use sqlx::{
-    SqlitePool,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::{Appended, Message, NewMessage, Store, StoreError, timed};
+use super::{Appended, Backend, NewMessage, Pooled, StoreError, timed};
 
 /// Messages in a local SQLite file (or in memory).
 pub struct SqliteStore {
-    pool: SqlitePool,
-    timeout: Duration,
+    db: Pooled<sqlx::Sqlite>,
 }
 
 impl SqliteStore {
@@ -36,12 +32,14 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool, timeout })
+        Ok(Self {
+            db: Pooled { pool, timeout },
+        })
     }
 
     async fn append_inner(&self, batch: &[NewMessage]) -> Result<Vec<Appended>, sqlx::Error> {
         // IMMEDIATE takes the write lock first, so the head read below cannot go stale.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut head: i64 = sqlx::query_scalar("select coalesce(max(id), 0) from messages")
             .fetch_one(&mut *tx)
             .await?;
@@ -74,52 +72,18 @@ impl SqliteStore {
     }
 }
 
-impl Store for SqliteStore {
+impl Backend for SqliteStore {
+    type Db = sqlx::Sqlite;
+    const HEAD: &'static str = "select coalesce(max(id), 0) from messages";
+
+    fn pooled(&self) -> &Pooled<sqlx::Sqlite> {
+        &self.db
+    }
+
     fn append<'a>(
         &'a self,
         batch: &'a [NewMessage],
     ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
-        Box::pin(timed(self.timeout, self.append_inner(batch)))
-    }
-
-    fn read_after(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>> {
-        Box::pin(async move {
-            timed(
-                self.timeout,
-                sqlx::query_as(
-                    r#"select id as "offset", content from messages where id > ? order by id limit ?"#,
-                )
-                    .bind(after)
-                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                    .fetch_all(&self.pool),
-            )
-            .await
-        })
-    }
-
-    fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
-        Box::pin(async move {
-            timed(
-                self.timeout,
-                sqlx::query_scalar("select coalesce(max(id), 0) from messages")
-                    .fetch_one(&self.pool),
-            )
-            .await
-        })
-    }
-
-    fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>> {
-        Box::pin(timed(
-            self.timeout,
-            sqlx::query_scalar("select epoch from chorus_meta").fetch_one(&self.pool),
-        ))
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.pool.close())
+        Box::pin(timed(self.db.timeout, self.append_inner(batch)))
     }
 }
