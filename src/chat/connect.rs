@@ -86,7 +86,8 @@ pub(super) async fn check_auth(
 }
 
 /// A socket joined: wire its handlers, then subscribe it after the offset it asked for.
-/// Synchronous on purpose, so the handlers exist before the socket's first event is read.
+/// Synchronous on purpose, so the handlers exist before the socket's first event is read
+/// (`docs/DESIGN.md`, "Connection and handshake").
 pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, chat: Arc<Chat>) {
     chat.metrics.connections.inc();
     let id: Arc<str> = socket.id.to_string().into();

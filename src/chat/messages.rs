@@ -155,9 +155,9 @@ pub fn parse_send(args: &[Value], limits: &Limits) -> Result<NewMessage, InputEr
 
 /// Registers `chat message` on a freshly connected socket.
 ///
-/// socketioxide calls the handler in packet order and spawns the future it returns, so the send
-/// is validated and queued for the writer in the handler itself, not in the future: a client's
-/// messages are stored in the order it sent them, even when it does not wait for each ack.
+/// The send is validated and queued for the writer in the handler itself, not in the future it
+/// returns, so a client's pipelined sends are stored in the order it sent them
+/// (`docs/DESIGN.md`, "Write path").
 pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>) {
     let in_flight = Arc::new(AtomicUsize::new(0));
     socket.on(

@@ -42,8 +42,8 @@ pub struct Chat {
 /// Registers the `/` namespace on `io`; returns what the adapter needs awaited, if anything.
 pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, chat: Arc<Chat>) -> A::InitRes {
     let for_auth = chat.clone();
-    // socketioxide runs this closure at once and only spawns the future it returns; doing the
-    // work here means the socket's handlers exist before its first event is read.
+    // The work is done in the closure, not the future it returns: docs/DESIGN.md,
+    // "Connection and handshake".
     let handler = move |socket: SocketRef<A>,
                         auth: socketioxide::extract::TryData<serde_json::Value>| {
         connect::on_connect(socket, auth.0.ok(), chat.clone());
