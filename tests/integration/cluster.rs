@@ -183,8 +183,8 @@ async fn a_burst_crosses_the_bus_without_drops() {
     let mut nodes = Vec::new();
     for _ in 0..3 {
         let mut s = crate::support::settings(&db.url, Some((REDIS, &prefix)));
-        s.feed.gap_timeout_ms = 120_000;
-        s.feed.poll_interval_ms = 120_000;
+        s.feed.gap_timeout = Duration::from_secs(120);
+        s.feed.poll_interval = Duration::from_secs(120);
         s.store.batch_max = 4;
         nodes.push(crate::support::Node::start(s).await);
     }

@@ -123,7 +123,7 @@ async fn cluster_script_serves_chat_through_nginx() {
             .env("CHORUS_BIN", env!("CARGO_BIN_EXE_chorus"))
             .env("DATABASE_URL", &db.url)
             .env("REDIS_URL", REDIS)
-            .env("CHAT__REDIS__PREFIX", unique("chorus_script"))
+            .env("CHORUS__REDIS__PREFIX", unique("chorus_script"))
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()

@@ -77,7 +77,7 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
     let prefix = unique("rr");
     // Polling the store would hide a dead subscription; make it too slow to matter here.
     let slow_poll = |mut s: chorus::config::Settings| {
-        s.feed.poll_interval_ms = 120_000;
+        s.feed.poll_interval = Duration::from_secs(120);
         s
     };
     let mut nodes = Vec::new();
@@ -195,7 +195,7 @@ async fn redis_restarted_under_load() {
     // A small ring, so the recovery below cannot be served from memory.
     setup
         .env
-        .push(("CHAT__FEED__RING_CAPACITY".into(), "16".into()));
+        .push(("CHORUS__FEED__RING_CAPACITY".into(), "16".into()));
     let run = Loaded::start(Lb::Nginx, db, &setup).await;
     run.progress(100).await;
 
@@ -299,8 +299,14 @@ async fn a_slow_consumer_is_cut_off_and_the_others_do_not_wait() {
     let db = TestDb::new().await;
     let mut setup = NodeSetup::new(&db, REDIS);
     setup.env.extend([
-        ("CHAT__CHAT__MAX_BUFFER_SIZE".into(), "64".into()),
-        ("CHAT__CHAT__SLOW_CONSUMER_TIMEOUT_MS".into(), "2000".into()),
+        ("CHORUS__TRANSPORT__MAX_BUFFER_SIZE".into(), "64".into()),
+        // A buffer of 64 packets must hold a full batch plus the socket's own acks.
+        ("CHORUS__STORE__BATCH_MAX".into(), "32".into()),
+        ("CHORUS__LIMITS__MAX_IN_FLIGHT".into(), "32".into()),
+        (
+            "CHORUS__TRANSPORT__SLOW_CONSUMER_TIMEOUT_MS".into(),
+            "2000".into(),
+        ),
     ]);
     let mut run = Loaded::start(Lb::Nginx, db, &setup).await;
     run.progress(100).await;

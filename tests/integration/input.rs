@@ -17,8 +17,8 @@ fn error_code(ack: &[Value]) -> Option<&str> {
 async fn invalid_input_of_each_kind_is_rejected_and_changes_nothing() {
     let db = TestDb::new().await;
     let mut s = settings(&db.url, Some((REDIS, &unique("in"))));
-    s.chat.max_message_chars = 100;
-    s.chat.max_payload_bytes = 4096;
+    s.limits.max_message_chars = 100;
+    s.limits.max_payload_bytes = 4096;
     let node = Node::start(s).await;
     let mut bystander = Client::connect(&node.url, None).await.expect("connect");
     let client = Client::connect(&node.url, None).await.expect("connect");

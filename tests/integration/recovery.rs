@@ -6,8 +6,9 @@ use std::{sync::Arc, time::Duration};
 
 use chorus::{
     client::Client,
-    log::{RecoveryLog, Retention, StreamLog},
-    metrics::{ErrorKind, Metrics},
+    metrics::ErrorKind,
+    recovery::{RecoveryLog, Retention, StreamLog},
+    runtime::Runtime,
     store::Message,
 };
 use fred::{
@@ -16,7 +17,6 @@ use fred::{
     types::config::Config,
 };
 use serde_json::json;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::support::{
     Node, PrivateRedis, REDIS, TestDb, recover, require_redis, settings_with, stop_all, unique,
@@ -26,7 +26,7 @@ use crate::support::{
 const T: Duration = Duration::from_secs(10);
 
 /// A small ring, so reconnects further back than 16 messages cannot be served from memory.
-const SMALL_RING: (&str, &str) = ("CHAT__FEED__RING_CAPACITY", "16");
+const SMALL_RING: (&str, &str) = ("CHORUS__FEED__RING_CAPACITY", "16");
 
 /// Sends `n` messages `m1..=mn` through `url`, 100 in flight at a time, and waits for the acks.
 async fn send(url: &str, n: i64) {
@@ -104,7 +104,7 @@ async fn a_reconnect_within_retention_is_served_from_the_stream_without_a_query(
             .metric("chorus_replay_reads_total{source=\"database\"}")
             .await,
         nodes[1]
-            .metric("chorus_replays_total{source=\"stream\"}")
+            .metric("chorus_replays_total{source=\"log\"}")
             .await,
     );
     recover(&nodes[1].url, 10, 300).await;
@@ -117,13 +117,13 @@ async fn a_reconnect_within_retention_is_served_from_the_stream_without_a_query(
     );
     assert_eq!(
         nodes[1]
-            .metric("chorus_replays_total{source=\"stream\"}")
+            .metric("chorus_replays_total{source=\"log\"}")
             .await,
         from_stream + 1.0
     );
     assert!(
         nodes[1]
-            .metric("chorus_replayed_messages_total{source=\"stream\"}")
+            .metric("chorus_replayed_messages_total{source=\"log\"}")
             .await
             >= 290.0
     );
@@ -138,7 +138,7 @@ async fn a_reconnect_behind_retention_is_served_from_the_database() {
     let node = Node::start(settings_with(
         &db.url,
         Some((REDIS, &prefix)),
-        &[SMALL_RING, ("CHAT__STREAM__MAX_LEN", "50")],
+        &[SMALL_RING, ("CHORUS__RECOVERY__MAX_LEN", "50")],
     ))
     .await;
     send(&node.url, 1000).await;
@@ -204,10 +204,10 @@ async fn a_lost_stream_sends_reconnects_to_the_database_until_it_covers_them_aga
         before + 1.0
     );
     // 101 on is in the new stream again.
-    let before = node.metric("chorus_replays_total{source=\"stream\"}").await;
+    let before = node.metric("chorus_replays_total{source=\"log\"}").await;
     recover(&node.url, 101, 120).await;
     assert_eq!(
-        node.metric("chorus_replays_total{source=\"stream\"}").await,
+        node.metric("chorus_replays_total{source=\"log\"}").await,
         before + 1.0
     );
     node.stop().await;
@@ -251,7 +251,7 @@ async fn a_single_node_serves_reconnects_from_its_in_process_log() {
         "a reconnect within retention made a database query"
     );
     assert_eq!(
-        node.metric("chorus_replays_total{source=\"stream\"}").await,
+        node.metric("chorus_replays_total{source=\"log\"}").await,
         1.0
     );
     node.stop().await;
@@ -288,7 +288,7 @@ async fn live_messages_during_a_stream_recovery_are_merged_by_offset() {
     );
     assert_eq!(
         nodes[1]
-            .metric("chorus_replays_total{source=\"stream\"}")
+            .metric("chorus_replays_total{source=\"log\"}")
             .await,
         1.0
     );
@@ -340,23 +340,16 @@ async fn the_benchmark_runs() {
 async fn two_logs_appending_the_same_offsets_leave_one_contiguous_stream() {
     require_redis(REDIS).await;
     let prefix = unique("ls");
-    let (tasks, cancel) = (TaskTracker::new(), CancellationToken::new());
     let retention = Retention {
         max_len: 1_000,
         max_age: Duration::from_secs(600),
     };
-    let metrics = [Arc::new(Metrics::default()), Arc::new(Metrics::default())];
+    let runtimes = [Runtime::new("a"), Runtime::new("b")];
     let mut logs = Vec::new();
-    for m in &metrics {
+    for runtime in &runtimes {
         let client = redis(REDIS).await;
         logs.push(StreamLog::start(
-            client,
-            &prefix,
-            "epoch",
-            retention,
-            m.clone(),
-            &tasks,
-            cancel.clone(),
+            client, &prefix, "epoch", retention, runtime,
         ));
     }
     let batch = |offsets: std::ops::RangeInclusive<i64>, node: &str| -> Vec<Arc<Message>> {
@@ -407,14 +400,14 @@ async fn two_logs_appending_the_same_offsets_leave_one_contiguous_stream() {
         logs[1].read_after(10, 100).await.expect("read").is_empty(),
         "11 and 12 are not in the stream: the reader is sent to the database"
     );
-    for m in &metrics {
+    for runtime in &runtimes {
         assert_eq!(
-            m.errors(ErrorKind::Bus),
+            runtime.metrics.errors(ErrorKind::RecoveryLog),
             0,
             "skipped entries are not errors"
         );
+        runtime.cancel.cancel();
+        runtime.tasks.close();
+        runtime.tasks.wait().await;
     }
-    cancel.cancel();
-    tasks.close();
-    tasks.wait().await;
 }

@@ -104,7 +104,7 @@ pub fn settings(database_url: &str, redis: Option<(&str, &str)>) -> Settings {
     settings_with(database_url, redis, &[])
 }
 
-/// [`settings`] plus `extra` environment variables (`CHAT__SECTION__KEY`, ...).
+/// [`settings`] plus `extra` environment variables (`CHORUS__SECTION__KEY`, ...).
 pub fn settings_with(
     database_url: &str,
     redis: Option<(&str, &str)>,
@@ -114,15 +114,15 @@ pub fn settings_with(
         ("HOST".to_owned(), "127.0.0.1".to_owned()),
         ("PORT".to_owned(), "0".to_owned()),
         ("DATABASE_URL".to_owned(), database_url.to_owned()),
-        ("CHAT__STORE__TIMEOUT_MS".to_owned(), "2000".to_owned()),
+        ("CHORUS__STORE__TIMEOUT_MS".to_owned(), "2000".to_owned()),
         (
-            "CHAT__SHUTDOWN__DRAIN_TIMEOUT_MS".to_owned(),
+            "CHORUS__SHUTDOWN__DRAIN_TIMEOUT_MS".to_owned(),
             "3000".to_owned(),
         ),
     ];
     if let Some((url, prefix)) = redis {
         env.push(("REDIS_URL".to_owned(), url.to_owned()));
-        env.push(("CHAT__REDIS__PREFIX".to_owned(), prefix.to_owned()));
+        env.push(("CHORUS__REDIS__PREFIX".to_owned(), prefix.to_owned()));
     }
     env.extend(
         extra

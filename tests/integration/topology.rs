@@ -54,12 +54,12 @@ impl ProcNode {
             ("NODE_ID", id.to_owned()),
             ("DATABASE_URL", setup.database_url.clone()),
             ("REDIS_URL", setup.redis_url.clone()),
-            ("CHAT__REDIS__PREFIX", setup.prefix.clone()),
-            ("CHAT__STORE__TIMEOUT_MS", "2000".to_owned()),
-            ("CHAT__SHUTDOWN__DRAIN_TIMEOUT_MS", "3000".to_owned()),
+            ("CHORUS__REDIS__PREFIX", setup.prefix.clone()),
+            ("CHORUS__STORE__TIMEOUT_MS", "2000".to_owned()),
+            ("CHORUS__SHUTDOWN__DRAIN_TIMEOUT_MS", "3000".to_owned()),
             // Long enough to see readiness turn false before the port closes.
-            ("CHAT__SHUTDOWN__UNREADY_DELAY_MS", "1000".to_owned()),
-            ("CHAT__LOG__LEVEL", "warn,chorus=info".to_owned()),
+            ("CHORUS__SHUTDOWN__UNREADY_DELAY_MS", "1000".to_owned()),
+            ("CHORUS__LOG__LEVEL", "warn,chorus=info".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -171,7 +171,7 @@ pub struct NodeSetup {
     pub database_url: String,
     pub redis_url: String,
     pub prefix: String,
-    /// More settings, `CHAT__SECTION__KEY` style.
+    /// More settings, `CHORUS__SECTION__KEY` style.
     pub env: Vec<(String, String)>,
 }
 

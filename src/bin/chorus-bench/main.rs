@@ -345,8 +345,8 @@ async fn replay(system: System, o: &Options) -> anyhow::Result<(Option<f64>, f64
     let n = if o.quick { 2_000 } else { o.messages };
     // Recoveries must come from the stream or the database, not a node's memory.
     let extra = [
-        ("CHAT__FEED__RING_CAPACITY", "64"),
-        ("CHAT__STREAM__MAX_LEN", "10000000"),
+        ("CHORUS__FEED__RING_CAPACITY", "64"),
+        ("CHORUS__RECOVERY__MAX_LEN", "10000000"),
     ];
     let cluster = Cluster::start(system, 1, o, &extra).await?;
     let url = cluster.urls()[0].clone();
@@ -356,8 +356,7 @@ async fn replay(system: System, o: &Options) -> anyhow::Result<(Option<f64>, f64
     let port = cluster.servers[0].port;
     let (stream, database) = match system {
         System::Chorus => {
-            let stream =
-                recovered_from(port, "stream", scenarios::recover(&url, first, last)).await?;
+            let stream = recovered_from(port, "log", scenarios::recover(&url, first, last)).await?;
             // A node on another Redis prefix has an empty stream: the database serves.
             let db = cluster.db.as_ref().context("database")?;
             let other = Server::start(

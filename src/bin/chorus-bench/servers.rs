@@ -143,8 +143,8 @@ impl Server {
                     .env("NODE_ID", format!("bench-{port}"))
                     .env("DATABASE_URL", &db.context("chorus needs a database")?.url)
                     .env("REDIS_URL", &services.redis)
-                    .env("CHAT__REDIS__PREFIX", prefix)
-                    .env("CHAT__LOG__LEVEL", "warn");
+                    .env("CHORUS__REDIS__PREFIX", prefix)
+                    .env("CHORUS__LOG__LEVEL", "warn");
                 cmd
             }
             System::Baseline => {
