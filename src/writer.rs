@@ -15,12 +15,16 @@ use crate::{
     store::{Appended, Message, NewMessage, Store},
 };
 
-/// Why a send was not stored; the client gets no ack and retries.
+/// Why a send was not stored.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
-    /// The store failed; nothing of the batch was committed.
+    /// The store failed; nothing of the batch was committed. The client gets no ack and retries.
     #[error("store unavailable: {0}")]
     Store(String),
+    /// The store refused this message itself (a retry would fail the same way). The client gets
+    /// an error ack; the messages beside it were stored without it.
+    #[error("refused by the store: {0}")]
+    Refused(String),
     /// The node is shutting down and took no new writes.
     #[error("node is shutting down")]
     ShuttingDown,
@@ -112,42 +116,63 @@ async fn commit(
     metrics: &Metrics,
 ) {
     let folded = Folded::new(batch.iter().map(|s| &s.message));
+    let outcomes = append(store, &folded.unique, metrics).await;
+    if outcomes.iter().any(Result::is_ok) {
+        metrics.store_batches.inc();
+    }
+    let answers = folded.answers(&outcomes);
+    let fresh = fresh_messages(&outcomes, folded.unique);
+    metrics.messages_stored.inc_by(fresh.len() as u64);
+    if !fresh.is_empty() {
+        feed.ingest(fresh.iter().cloned());
+        if let Some(bus) = bus {
+            bus.publish(fresh);
+        }
+    }
+    let duplicates = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(Appended::Existing(_))))
+        .count();
+    metrics.duplicates.inc_by(duplicates as u64);
+    for (submission, result) in batch.drain(..).zip(answers) {
+        answer(submission.reply, result);
+    }
+}
+
+/// What the store did with each message of `unique`. A batch the database refuses for its data
+/// (one bad row, not an outage) is appended again one message at a time, so that row fails
+/// alone and never takes the acks of the rows beside it.
+async fn append(
+    store: &dyn Store,
+    unique: &[NewMessage],
+    metrics: &Metrics,
+) -> Vec<Result<Appended, WriteError>> {
     let started = Instant::now();
-    let result = store.append(&folded.unique).await;
+    let result = store.append(unique).await;
     metrics
         .store_append
         .observe(started.elapsed().as_secs_f64());
-    let results: Vec<Result<Appended, WriteError>> = match result {
-        Ok(appended) => {
-            metrics.store_batches.inc();
-            let answers = folded.answers(&appended);
-            let fresh = fresh_messages(&appended, folded.unique);
-            metrics.messages_stored.inc_by(fresh.len() as u64);
-            if !fresh.is_empty() {
-                feed.ingest(fresh.iter().cloned());
-                if let Some(bus) = bus {
-                    bus.publish(fresh);
-                }
+    match result {
+        Ok(appended) => appended.into_iter().map(Ok).collect(),
+        Err(error) if error.is_refusal() && unique.len() > 1 => {
+            tracing::warn!(error = %error, size = unique.len(), "the store refused a batch for its data; appending its messages one by one");
+            let mut outcomes = Vec::with_capacity(unique.len());
+            for message in unique {
+                let single = Box::pin(append(store, std::slice::from_ref(message), metrics)).await;
+                outcomes.extend(single);
             }
-            let duplicates = answers
-                .iter()
-                .filter(|a| matches!(a, Appended::Existing(_)))
-                .count();
-            metrics.duplicates.inc_by(duplicates as u64);
-            answers.into_iter().map(Ok).collect()
+            outcomes
         }
         Err(error) => {
             metrics.error(ErrorKind::Store);
-            tracing::warn!(error = %error, cause = ?std::error::Error::source(&error), size = batch.len(), "batch not stored; senders get no ack");
-            let text = error.to_string();
-            batch
-                .iter()
-                .map(|_| Err(WriteError::Store(text.clone())))
-                .collect()
+            tracing::warn!(error = %error, cause = ?std::error::Error::source(&error), size = unique.len(), "batch not stored");
+            let failure = if error.is_refusal() {
+                WriteError::Refused(error.to_string())
+            } else {
+                WriteError::Store(error.to_string())
+            };
+            vec![Err(failure); unique.len()]
         }
-    };
-    for (submission, result) in batch.drain(..).zip(results) {
-        answer(submission.reply, result);
     }
 }
 
@@ -189,14 +214,19 @@ impl Folded {
 
     /// Each submission's answer, given what the store did with `unique`: a later copy of a
     /// message stored by this batch is answered as a duplicate of it.
-    fn answers(&self, appended: &[Appended]) -> Vec<Appended> {
-        let mut first_use = vec![true; appended.len()];
+    fn answers(
+        &self,
+        outcomes: &[Result<Appended, WriteError>],
+    ) -> Vec<Result<Appended, WriteError>> {
+        let mut first_use = vec![true; outcomes.len()];
         self.slots
             .iter()
             .map(|&slot| {
-                let answer = match appended[slot] {
-                    Appended::Inserted(offset) if !first_use[slot] => Appended::Existing(offset),
-                    other => other,
+                let answer = match &outcomes[slot] {
+                    Ok(Appended::Inserted(offset)) if !first_use[slot] => {
+                        Ok(Appended::Existing(*offset))
+                    }
+                    other => other.clone(),
                 };
                 first_use[slot] = false;
                 answer
@@ -206,16 +236,19 @@ impl Folded {
 }
 
 /// The messages this append stored now, with their offsets (not those stored before).
-fn fresh_messages(appended: &[Appended], unique: Vec<NewMessage>) -> Vec<Arc<Message>> {
-    appended
+fn fresh_messages(
+    outcomes: &[Result<Appended, WriteError>],
+    unique: Vec<NewMessage>,
+) -> Vec<Arc<Message>> {
+    outcomes
         .iter()
         .zip(unique)
-        .filter_map(|(a, m)| match a {
-            Appended::Inserted(offset) => Some(Arc::new(Message {
+        .filter_map(|(outcome, m)| match outcome {
+            Ok(Appended::Inserted(offset)) => Some(Arc::new(Message {
                 offset: *offset,
                 content: m.content,
             })),
-            Appended::Existing(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -271,26 +304,141 @@ mod tests {
         assert_eq!(folded.slots, [0, 0, 1, 2, 3, 0]);
 
         let appended = [
-            Appended::Inserted(7),
-            Appended::Existing(3),
-            Appended::Inserted(8),
-            Appended::Inserted(9),
+            Ok(Appended::Inserted(7)),
+            Ok(Appended::Existing(3)),
+            Ok(Appended::Inserted(8)),
+            Err(WriteError::Refused("bad row".into())),
         ];
+        let answers: Vec<Option<Appended>> = folded
+            .answers(&appended)
+            .into_iter()
+            .map(Result::ok)
+            .collect();
         assert_eq!(
-            folded.answers(&appended),
+            answers,
             [
-                Appended::Inserted(7),
-                Appended::Existing(7),
-                Appended::Existing(3),
-                Appended::Inserted(8),
-                Appended::Inserted(9),
-                Appended::Existing(7),
+                Some(Appended::Inserted(7)),
+                Some(Appended::Existing(7)),
+                Some(Appended::Existing(3)),
+                Some(Appended::Inserted(8)),
+                None,
+                Some(Appended::Existing(7)),
             ]
         );
         let fresh: Vec<i64> = fresh_messages(&appended, folded.unique)
             .iter()
             .map(|m| m.offset)
             .collect();
-        assert_eq!(fresh, [7, 8, 9]);
+        assert_eq!(fresh, [7, 8]);
+    }
+
+    /// What Postgres says of a NUL byte in text: a data exception (class 22).
+    #[derive(Debug, thiserror::Error)]
+    #[error("invalid byte sequence for encoding \"UTF8\": 0x00")]
+    struct DataException;
+
+    impl sqlx::error::DatabaseError for DataException {
+        fn message(&self) -> &str {
+            "invalid byte sequence"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some("22021".into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    /// A store that refuses, as a database would, every batch holding a message "bad", and
+    /// stores the rest at consecutive offsets.
+    #[derive(Default)]
+    struct Picky {
+        head: std::sync::Mutex<i64>,
+        calls: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl Store for Picky {
+        fn append<'a>(
+            &'a self,
+            batch: &'a [NewMessage],
+        ) -> futures_util::future::BoxFuture<'a, Result<Vec<Appended>, crate::store::StoreError>>
+        {
+            self.calls.lock().unwrap().push(batch.len());
+            let result = if batch.iter().any(|m| m.content == "bad") {
+                Err(sqlx::Error::Database(Box::new(DataException)).into())
+            } else {
+                let mut head = self.head.lock().unwrap();
+                Ok(batch
+                    .iter()
+                    .map(|_| {
+                        *head += 1;
+                        Appended::Inserted(*head)
+                    })
+                    .collect())
+            };
+            Box::pin(std::future::ready(result))
+        }
+        fn read_after(
+            &self,
+            _: i64,
+            _: usize,
+        ) -> futures_util::future::BoxFuture<'_, Result<Vec<Message>, crate::store::StoreError>>
+        {
+            Box::pin(std::future::ready(Ok(Vec::new())))
+        }
+        fn head(
+            &self,
+        ) -> futures_util::future::BoxFuture<'_, Result<i64, crate::store::StoreError>> {
+            let head = *self.head.lock().unwrap();
+            Box::pin(std::future::ready(Ok(head)))
+        }
+        fn epoch(
+            &self,
+        ) -> futures_util::future::BoxFuture<'_, Result<String, crate::store::StoreError>> {
+            Box::pin(std::future::ready(Ok("test".into())))
+        }
+        fn close(&self) -> futures_util::future::BoxFuture<'_, ()> {
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn one_refused_row_fails_alone_and_the_rows_beside_it_are_stored() {
+        let store = Picky::default();
+        let metrics = Metrics::new("test");
+        let batch = [
+            send(Some("a"), "ok 1"),
+            send(Some("b"), "bad"),
+            send(Some("c"), "ok 2"),
+        ];
+        let outcomes = append(&store, &batch, &metrics).await;
+        assert!(
+            matches!(outcomes[0], Ok(Appended::Inserted(1))),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[1], Err(WriteError::Refused(_))),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[2], Ok(Appended::Inserted(2))),
+            "{outcomes:?}"
+        );
+        // The whole batch once, then each message alone.
+        assert_eq!(*store.calls.lock().unwrap(), [3, 1, 1, 1]);
+        assert_eq!(
+            metrics.errors(ErrorKind::Store),
+            1,
+            "the refused row is counted once"
+        );
     }
 }

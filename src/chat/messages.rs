@@ -57,12 +57,22 @@ pub enum InputError {
     /// The content is longer than the limit.
     #[error("message content is longer than {0} characters")]
     ContentTooLong(usize),
+    /// The content holds a NUL character, which Postgres cannot store (both backends refuse it,
+    /// so they accept the same inputs).
+    #[error("message content must not contain NUL (U+0000)")]
+    ContentNul,
+    /// The store refused the message itself (not an outage): retrying cannot help.
+    #[error("message refused by the store")]
+    Refused,
     /// The client offset is present but not a string.
     #[error("client offset must be a string")]
     ClientOffsetNotString,
     /// The client offset is empty or longer than the limit.
     #[error("client offset must be 1 to {0} characters")]
     ClientOffsetLength(usize),
+    /// The client offset holds a NUL character.
+    #[error("client offset must not contain NUL (U+0000)")]
+    ClientOffsetNul,
     /// This socket has too many sends waiting for their ack.
     #[error("too many messages in flight; wait for acks before sending more")]
     TooManyInFlight,
@@ -75,8 +85,9 @@ impl InputError {
             Self::ContentNotString => "invalid_content",
             Self::ContentEmpty => "empty_content",
             Self::ContentTooLong(_) => "content_too_long",
+            Self::ContentNul | Self::Refused => "invalid_content",
             Self::ClientOffsetNotString => "invalid_client_offset",
-            Self::ClientOffsetLength(_) => "invalid_client_offset",
+            Self::ClientOffsetLength(_) | Self::ClientOffsetNul => "invalid_client_offset",
             Self::TooManyInFlight => "rate_limited",
         }
     }
@@ -134,6 +145,9 @@ pub fn parse_send(args: &[Value], limits: &Limits) -> Result<NewMessage, InputEr
     if content.chars().count() > limits.max_message_chars {
         return Err(InputError::ContentTooLong(limits.max_message_chars));
     }
+    if content.contains('\0') {
+        return Err(InputError::ContentNul);
+    }
     let client_offset = match args.get(1) {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => {
@@ -142,6 +156,9 @@ pub fn parse_send(args: &[Value], limits: &Limits) -> Result<NewMessage, InputEr
                 return Err(InputError::ClientOffsetLength(
                     limits.max_client_offset_chars,
                 ));
+            }
+            if s.contains('\0') {
+                return Err(InputError::ClientOffsetNul);
             }
             Some(s.clone())
         }
@@ -172,7 +189,13 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>) {
                     Ok(stored) => {
                         let result = stored.await;
                         in_flight.fetch_sub(1, Relaxed);
-                        answer(&socket, ack, result);
+                        match result {
+                            Err(WriteError::Refused(reason)) => {
+                                tracing::info!(socket = %socket.id, reason = %reason, "send refused by the store");
+                                reject(ack, &InputError::Refused, &chat.metrics);
+                            }
+                            other => answer(&socket, ack, other),
+                        }
                     }
                 }
                 chat.metrics.ack.observe(arrived.elapsed().as_secs_f64());
@@ -263,6 +286,8 @@ mod tests {
             (vec![json!("ok"), json!(7)], "invalid_client_offset"),
             (vec![json!("ok"), json!("")], "invalid_client_offset"),
             (vec![json!("ok"), json!("12345")], "invalid_client_offset"),
+            (vec![json!("a\u{0}b")], "invalid_content"),
+            (vec![json!("ok"), json!("o\u{0}")], "invalid_client_offset"),
         ];
         for (args, code) in cases {
             assert_eq!(

@@ -59,6 +59,21 @@ pub enum StoreError {
     Timeout,
 }
 
+impl StoreError {
+    /// Whether the database refused the data itself, so that the same rows would fail again
+    /// (a Postgres data exception, class 22, or a check or not-null violation), as opposed to
+    /// being unreachable, busy or slow.
+    pub fn is_refusal(&self) -> bool {
+        let Self::Database(sqlx::Error::Database(error)) = self else {
+            return false;
+        };
+        matches!(
+            error.kind(),
+            sqlx::error::ErrorKind::CheckViolation | sqlx::error::ErrorKind::NotNullViolation
+        ) || error.code().is_some_and(|code| code.starts_with("22"))
+    }
+}
+
 /// Durable, ordered message storage.
 pub trait Store: Send + Sync + 'static {
     /// Stores a batch in one transaction, skipping messages (client offset and content) stored
