@@ -69,6 +69,12 @@ pub struct TransportSettings {
     /// How long a socket whose buffer stays full is kept before it is disconnected.
     #[serde(rename = "slow_consumer_timeout_ms", deserialize_with = "millis")]
     pub slow_consumer_timeout: Duration,
+    /// A connection must send a complete HTTP request head within this long, the first one and
+    /// each next one on a kept-alive connection (so it is the idle timeout too); then it is closed.
+    #[serde(rename = "header_read_timeout_ms", deserialize_with = "millis")]
+    pub header_read_timeout: Duration,
+    /// Largest HTTP request head (request line and headers); a larger one gets `431`.
+    pub max_header_bytes: usize,
 }
 
 /// Storage tuning.
@@ -232,6 +238,8 @@ max_payload_bytes = 65536
 max_buffer_size = 4096
 ws_read_buffer_bytes = 1024
 slow_consumer_timeout_ms = 30000
+header_read_timeout_ms = 30000
+max_header_bytes = 16384
 
 [store]
 max_connections = 8
@@ -361,6 +369,16 @@ impl Settings {
         at_least("feed.ring_capacity", n(self.feed.ring_capacity), 1)?;
         at_least("recovery.max_len", n(self.recovery.max_len), 1)?;
         at_least("recovery.max_age_secs", self.recovery.max_age.as_secs(), 1)?;
+        at_least(
+            "transport.max_header_bytes",
+            n(self.transport.max_header_bytes),
+            1024,
+        )?;
+        at_least(
+            "transport.header_read_timeout_ms",
+            u64::try_from(self.transport.header_read_timeout.as_millis()).unwrap_or(u64::MAX),
+            100,
+        )?;
         if self.feed.poll_interval.is_zero() {
             return invalid("feed.poll_interval_ms", "must be at least 1".into());
         }

@@ -14,6 +14,7 @@
 //! - [`redis`]: builds the node's Redis clients and keeps subscribers subscribed.
 //! - [`store`]: message storage behind one trait: Postgres and SQLite.
 //! - [`http`]: the page, the client bundle, health, readiness, metrics.
+//! - [`server`]: accepts connections and serves HTTP/1.1 with bounded heads and head deadlines.
 //! - [`logging`]: plain or JSON log lines, each with the node id.
 //! - [`metrics`]: the node's counters, gauge and latency histograms.
 //!
@@ -31,5 +32,6 @@ pub mod metrics;
 pub mod recovery;
 pub mod redis;
 pub mod runtime;
+pub mod server;
 pub mod store;
 pub mod writer;
