@@ -14,14 +14,12 @@
 //! - [`http`]: the page, the client bundle, health, readiness, metrics.
 //! - [`logging`]: plain or JSON log lines, each with the node id.
 //! - [`metrics`]: the node's counters in Prometheus text.
-//! - [`client`]: a small Socket.IO websocket client for tests and load generation.
 //!
 //! How data flows and why no message is lost, duplicated or reordered: `docs/DESIGN.md`.
 
 pub mod app;
 pub mod bus;
 pub mod chat;
-pub mod client;
 pub mod config;
 pub mod feed;
 pub mod http;

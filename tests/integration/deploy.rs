@@ -4,13 +4,10 @@
 
 use std::{process::Stdio, time::Duration};
 
-use chorus::client::Client;
+use chorus_testkit::{Client, Lb, REDIS, TestDb, free_port, require_redis, try_get, unique};
 use serde_json::json;
 
-use crate::{
-    support::{REDIS, TestDb, require_redis, try_get, unique},
-    topology::{Lb, Loaded, NodeSetup, free_port},
-};
+use crate::topology::{Loaded, lb_settings, setup};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -34,7 +31,7 @@ fn busiest(conns: &[i64], except: Option<usize>) -> usize {
 async fn under_load(lb: Lb, plan: Plan) {
     require_redis(REDIS).await;
     let db = TestDb::new().await;
-    let setup = NodeSetup::new(&db, REDIS);
+    let setup = setup(lb_settings(&db, REDIS));
     let mut run = Loaded::start(lb, db, &setup).await;
     let mut events = Vec::new();
     match plan {
@@ -151,18 +148,11 @@ async fn cluster_script_serves_chat_through_nginx() {
     let mut receiver = Client::connect(&url, Some(json!({ "serverOffset": 0 })))
         .await
         .expect("connect through nginx");
-    let ack = sender
-        .emit_with_ack(
-            "chat message",
-            vec![json!("through nginx"), json!("script-1")],
-            T,
-        )
+    // Stored.
+    sender
+        .send("through nginx", Some("script-1"))
         .await
-        .expect("ack");
-    assert!(
-        ack.first().is_none_or(|a| a.get("error").is_none()),
-        "stored: {ack:?}"
-    );
+        .assert_ok();
     let (content, offset) = receiver.next_chat_message(T).await.expect("delivered");
     assert_eq!((content.as_str(), offset), ("through nginx", 1));
     sender.close().await;
