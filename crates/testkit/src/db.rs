@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection};
 use tempfile::TempDir;
 
-use crate::fixture::unique;
+use crate::fixture::{POLL, unique};
 
 /// The local Postgres, as a user allowed to create databases.
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -107,7 +107,7 @@ impl TestDb {
                 start.elapsed() < STORED_LIMIT,
                 "only {n} of {rows} messages stored after {STORED_LIMIT:?}: the load stalled"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 }

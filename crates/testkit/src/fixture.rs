@@ -33,8 +33,8 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// How often [`wait_for`] checks its condition.
-const POLL: Duration = Duration::from_millis(20);
+/// How often [`wait_for`] and the kit's other waits check their condition.
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 
 /// Polls `check` until it is true, failing with `what` after `limit`.
 pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F)

@@ -119,6 +119,60 @@ chorus_store_append_seconds_bucket{le="+Inf",node="n1"} 6
         }
     }
 
+    /// The reader against what `prometheus-client` itself renders: families with a node label
+    /// and another, a gauge, and a histogram with a unit.
+    #[test]
+    fn reads_what_prometheus_client_renders() {
+        use prometheus_client::{
+            encoding::text::encode,
+            metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+            registry::{Registry, Unit},
+        };
+        let mut registry = Registry::with_labels([("node".into(), "vm:3000".into())].into_iter());
+        let deliveries = Counter::<u64>::default();
+        registry.register("chorus_deliveries", "Messages emitted", deliveries.clone());
+        let replays = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register("chorus_replays", "Replays by source", replays.clone());
+        let connections = Gauge::<i64>::default();
+        registry.register(
+            "chorus_connections",
+            "Open connections",
+            connections.clone(),
+        );
+        let appends = Histogram::new([0.001, 0.01]);
+        registry.register_with_unit(
+            "chorus_store_append",
+            "Store appends",
+            Unit::Seconds,
+            appends.clone(),
+        );
+        deliveries.inc_by(5);
+        replays
+            .get_or_create(&vec![("source".into(), "database".into())])
+            .inc();
+        replays
+            .get_or_create(&vec![("source".into(), "log".into())])
+            .inc_by(2);
+        connections.set(3);
+        appends.observe(0.005);
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("renders");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+
+        assert_eq!(value(&text, "chorus_deliveries_total"), Some(5.0), "{text}");
+        assert_eq!(
+            value(&text, r#"chorus_replays_total{source="database"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, r#"chorus_replays_total{source="log"}"#),
+            Some(2.0)
+        );
+        assert_eq!(value(&text, "chorus_connections"), Some(3.0));
+        assert_eq!(value(&text, "chorus_store_append_seconds_count"), Some(1.0));
+        assert_eq!(value(&text, "chorus_store_append_seconds_sum"), Some(0.005));
+    }
+
     #[test]
     fn labels_must_match_exactly() {
         for text in [PROMETHEUS, OPENMETRICS] {

@@ -10,7 +10,7 @@ use std::{
 use tokio::process::{Child, Command};
 
 use crate::{
-    fixture::{free_port, wait_for},
+    fixture::{POLL, free_port, wait_for},
     http::try_get,
     metrics::metric,
     node::TestSettings,
@@ -113,7 +113,7 @@ impl ProcNode {
                 "{} not ready within {READY_LIMIT:?}",
                 self.id
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 

@@ -51,11 +51,9 @@ pub async fn join(
     auth: Option<&Value>,
     limit: Duration,
 ) -> Result<Joined, ClientError> {
-    let url = websocket_url(base_url)?;
-    within(limit, async {
-        // TCP_NODELAY: small frames are not held back (the servers set it too).
-        let (ws, _response) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
-        handshake(ws, auth).await
+    // TCP_NODELAY: small frames are not held back (the servers set it too).
+    join_by(base_url, auth, limit, |url| {
+        tokio_tungstenite::connect_async_with_config(url, None, true)
     })
     .await
 }
@@ -68,19 +66,28 @@ pub async fn join_over(
     auth: Option<&Value>,
     limit: Duration,
 ) -> Result<Joined, ClientError> {
-    let url = websocket_url(base_url)?;
-    within(limit, async {
-        let (ws, _response) =
-            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
-        handshake(ws, auth).await
+    join_by(base_url, auth, limit, |url| {
+        tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
     })
     .await
 }
 
-async fn within(
+/// Opens the websocket to `base_url`'s endpoint with `open` and joins `/`, within `limit`.
+async fn join_by<F, Fut, R>(
+    base_url: &str,
+    auth: Option<&Value>,
     limit: Duration,
-    join: impl Future<Output = Result<Joined, ClientError>>,
-) -> Result<Joined, ClientError> {
+    open: F,
+) -> Result<Joined, ClientError>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = Result<(Ws, R), tokio_tungstenite::tungstenite::Error>>,
+{
+    let url = websocket_url(base_url)?;
+    let join = async {
+        let (ws, _response) = open(url).await?;
+        handshake(ws, auth).await
+    };
     tokio::time::timeout(limit, join)
         .await
         .unwrap_or(Err(ClientError::ConnectTimeout(limit)))
