@@ -8,13 +8,20 @@
 FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src
 
-# Dependencies first, in their own layer: it is rebuilt only when Cargo.toml or Cargo.lock change,
-# not on every source edit. Empty stand-ins for the crate's lib and bin let cargo compile them.
+# Dependencies first, in their own layer: it is rebuilt only when a manifest or Cargo.lock
+# changes, not on every source edit. Cargo reads every workspace member's manifest and wants a
+# target file for each, so the server and the members (the test kit and the bench, never built
+# here) get empty stand-ins; building -p chorus then compiles the server's dependencies alone.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY crates/testkit/Cargo.toml crates/testkit/
+COPY crates/bench/Cargo.toml crates/bench/
+# A dependency patched for chorus ([patch.crates-io] in Cargo.toml), needed to resolve the rest.
+COPY patches ./patches
+RUN mkdir -p src crates/testkit/src crates/bench/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && cargo build --release --locked --bin chorus \
+    && touch src/lib.rs crates/testkit/src/lib.rs \
+    && echo 'fn main() {}' > crates/bench/src/main.rs \
+    && cargo build --release --locked -p chorus \
     && rm -rf src
 
 # The real sources. The binary embeds migrations/ (sqlx::migrate!) and assets/ (include_str!).
@@ -24,7 +31,7 @@ COPY assets ./assets
 # COPY keeps the files' own modification times, which can be older than the stand-ins built
 # above; touching them makes cargo see the crate as changed and compile the real code.
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --bin chorus \
+    && cargo build --release --locked -p chorus \
     && cp target/release/chorus /usr/local/bin/chorus
 
 # ---- runtime ------------------------------------------------------------------------------------

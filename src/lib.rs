@@ -23,7 +23,6 @@
 pub mod app;
 pub mod bus;
 pub mod chat;
-pub mod client;
 pub mod config;
 pub mod feed;
 pub mod http;

@@ -2,13 +2,12 @@
 
 use std::time::Duration;
 
-use chorus::{
-    client::Client,
-    store::{NewMessage, PgStore, Store},
+use chorus::store::{NewMessage, PgStore, Store};
+use chorus_testkit::{
+    Client, Node, REDIS, TestDb, TestSettings, TestSqlite, assert_acked, run_js, spawn_cluster,
+    stop_all, unique,
 };
 use serde_json::json;
-
-use crate::support::{Node, REDIS, TestDb, run_js, settings, spawn_cluster, stop_all, unique};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -22,18 +21,10 @@ async fn a_message_sent_to_one_node_reaches_clients_of_every_node() {
     }
     let sender = Client::connect(&nodes[0].url, None).await.expect("connect");
     for i in 0..20 {
-        let ack = sender
-            .emit_with_ack(
-                "chat message",
-                vec![json!(format!("m{i}")), json!(format!("x-{i}"))],
-                T,
-            )
+        sender
+            .send(&format!("m{i}"), Some(&format!("x-{i}")))
             .await
-            .expect("acked");
-        assert!(
-            ack.first().is_none_or(|a| a.get("error").is_none()),
-            "{ack:?}"
-        );
+            .assert_ok();
     }
     for (n, receiver) in receivers.iter_mut().enumerate() {
         for i in 0..20 {
@@ -94,10 +85,7 @@ async fn a_replay_of_20000_missed_messages_arrives_complete_and_in_order() {
     }
     // Then live messages follow with no seam.
     let sender = Client::connect(&nodes[0].url, None).await.expect("connect");
-    sender
-        .emit_with_ack("chat message", vec![json!("live"), json!("live-1")], T)
-        .await
-        .expect("acked");
+    sender.send("live", Some("live-1")).await;
     assert_eq!(
         client.next_chat_message(T).await.expect("live"),
         ("live".into(), N + 1)
@@ -124,21 +112,10 @@ async fn g1_the_same_client_offset_through_three_nodes_is_stored_and_broadcast_o
     }
     const ROUNDS: usize = 50;
     for round in 0..ROUNDS {
-        let key = format!("same-{round}");
-        let sends = senders.iter().map(|s| {
-            s.emit_with_ack(
-                "chat message",
-                vec![json!(format!("once {round}")), json!(key)],
-                T,
-            )
-        });
-        for ack in futures_util::future::join_all(sends).await {
-            let ack = ack.expect("every copy is acked");
-            assert!(
-                ack.first().is_none_or(|a| a.get("error").is_none()),
-                "{ack:?}"
-            );
-        }
+        let (content, key) = (format!("once {round}"), format!("same-{round}"));
+        let sends = senders.iter().map(|s| s.send(&content, Some(&key)));
+        // Every copy is acked.
+        assert_acked(futures_util::future::join_all(sends).await);
     }
     for round in 0..ROUNDS {
         let (content, offset) = watcher.next_chat_message(T).await.expect("broadcast");
@@ -180,13 +157,14 @@ async fn a_burst_crosses_the_bus_without_drops() {
     // must reach the other nodes over the bus alone, in order.
     let db = TestDb::new().await;
     let prefix = unique("burst");
+    let settings = TestSettings::new(&db)
+        .redis(REDIS, &prefix)
+        .set("CHORUS__FEED__GAP_TIMEOUT_MS", "120000")
+        .set("CHORUS__FEED__POLL_INTERVAL_MS", "120000")
+        .set("CHORUS__STORE__BATCH_MAX", "4");
     let mut nodes = Vec::new();
     for _ in 0..3 {
-        let mut s = crate::support::settings(&db.url, Some((REDIS, &prefix)));
-        s.feed.gap_timeout = Duration::from_secs(120);
-        s.feed.poll_interval = Duration::from_secs(120);
-        s.store.batch_max = 4;
-        nodes.push(crate::support::Node::start(s).await);
+        nodes.push(Node::start(settings.build()).await);
     }
     let mut receiver = Client::connect(&nodes[2].url, None).await.expect("connect");
     let mut senders = Vec::new();
@@ -197,13 +175,8 @@ async fn a_burst_crosses_the_bus_without_drops() {
     // Every send goes out at once; small batches make many publishes.
     for (s, sender) in senders.iter().enumerate() {
         for i in 0..EACH {
-            sender
-                .emit(
-                    "chat message",
-                    vec![json!(format!("b{s}-{i}")), json!(format!("b{s}-{i}"))],
-                )
-                .await
-                .expect("send");
+            let text = format!("b{s}-{i}");
+            sender.send_no_ack(&text, Some(&text)).await;
         }
     }
     let total = (senders.len() * EACH) as i64;
@@ -229,18 +202,7 @@ async fn shared_offsets_with_other_content_are_other_messages(url: &str) {
     let a = Client::connect(url, None).await.expect("connect");
     let b = Client::connect(url, None).await.expect("connect");
     for (client, content) in [(&a, "from a"), (&b, "from b"), (&a, "from a")] {
-        let ack = client
-            .emit_with_ack(
-                "chat message",
-                vec![json!(content), json!("undefined-0")],
-                T,
-            )
-            .await
-            .expect("acked");
-        assert!(
-            ack.first().is_none_or(|a| a.get("error").is_none()),
-            "{ack:?}"
-        );
+        client.send(content, Some("undefined-0")).await.assert_ok();
     }
     for (content, offset) in [("from a", 1), ("from b", 2)] {
         let got = watcher.next_chat_message(T).await.expect("broadcast");
@@ -258,14 +220,9 @@ async fn shared_offsets_with_other_content_are_other_messages(url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g1_a_client_offset_names_a_message_together_with_its_content() {
     let db = TestDb::new().await;
-    let pg = Node::start(settings(&db.url, None)).await;
-    let dir = std::env::temp_dir().join(unique("chorus_sqlite"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let lite = Node::start(settings(
-        &format!("sqlite://{}", dir.join("chat.db").display()),
-        None,
-    ))
-    .await;
+    let pg = Node::start(TestSettings::new(&db).build()).await;
+    let sqlite = TestSqlite::new();
+    let lite = Node::start(TestSettings::new(&sqlite).build()).await;
     shared_offsets_with_other_content_are_other_messages(&pg.url).await;
     shared_offsets_with_other_content_are_other_messages(&lite.url).await;
     assert_eq!(db.count().await, 2);

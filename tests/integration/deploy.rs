@@ -4,13 +4,10 @@
 
 use std::{process::Stdio, time::Duration};
 
-use chorus::client::Client;
+use chorus_testkit::{Client, Lb, REDIS, TestDb, free_port, require_redis, try_get, unique};
 use serde_json::json;
 
-use crate::{
-    support::{REDIS, TestDb, require_redis, try_get, unique},
-    topology::{Lb, Loaded, NodeSetup, free_port},
-};
+use crate::topology::{Loaded, lb_settings, setup};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -34,7 +31,7 @@ fn busiest(conns: &[i64], except: Option<usize>) -> usize {
 async fn under_load(lb: Lb, plan: Plan) {
     require_redis(REDIS).await;
     let db = TestDb::new().await;
-    let setup = NodeSetup::new(&db, REDIS);
+    let setup = setup(lb_settings(&db, REDIS));
     let mut run = Loaded::start(lb, db, &setup).await;
     let mut events = Vec::new();
     match plan {
@@ -151,18 +148,11 @@ async fn cluster_script_serves_chat_through_nginx() {
     let mut receiver = Client::connect(&url, Some(json!({ "serverOffset": 0 })))
         .await
         .expect("connect through nginx");
-    let ack = sender
-        .emit_with_ack(
-            "chat message",
-            vec![json!("through nginx"), json!("script-1")],
-            T,
-        )
+    // Stored.
+    sender
+        .send("through nginx", Some("script-1"))
         .await
-        .expect("ack");
-    assert!(
-        ack.first().is_none_or(|a| a.get("error").is_none()),
-        "stored: {ack:?}"
-    );
+        .assert_ok();
     let (content, offset) = receiver.next_chat_message(T).await.expect("delivered");
     assert_eq!((content.as_str(), offset), ("through nginx", 1));
     sender.close().await;
@@ -184,5 +174,57 @@ async fn cluster_script_serves_chat_through_nginx() {
             try_get(p, "/healthz").await.is_none(),
             "port {p} still answers after the stop"
         );
+    }
+}
+
+/// Every `chorus_*` series the Grafana dashboard queries is one this registry exports.
+#[test]
+fn the_dashboard_queries_only_exported_series() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/chorus-dashboard.json"
+        ))
+        .expect("read the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() > 10, "{exprs:?}");
+    let exported: std::collections::HashSet<String> = chorus::metrics::Metrics::new("n")
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+        .collect();
+    let mut used = 0;
+    for expr in &exprs {
+        for (start, _) in expr.match_indices("chorus_") {
+            let name: String = expr[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exported.contains(&name),
+                "the dashboard queries {name}, which is not exported"
+            );
+            used += 1;
+        }
+    }
+    assert!(used >= exprs.len());
+}
+
+fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("expr" | "query", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
     }
 }

@@ -4,15 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use chorus::client::{Client, ClientError};
-use serde_json::json;
+use chorus_testkit::{
+    Client, ClientError, FaultProxy, Lb, Node, PrivateRedis, REDIS, TestDb, TestSettings, http_get,
+    require_redis, slow_consumer, stop_all, try_get, unique, wait_for,
+};
 
 use crate::{
-    support::{
-        FaultProxy, Node, PrivateRedis, REDIS, TestDb, http_get, recover, require_redis, settings,
-        stop_all, try_get, unique, wait_for,
-    },
-    topology::{Lb, Loaded, NodeSetup, slow_consumer},
+    support::recover,
+    topology::{Loaded, lb_settings, setup},
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -22,17 +21,11 @@ async fn g2_no_ack_while_the_database_is_unreachable_then_one_row_and_one_ack() 
     let db = TestDb::new().await;
     let proxy = FaultProxy::start("127.0.0.1:5432").await;
     let via_proxy = db.url.replace("127.0.0.1:5432", &proxy.addr.to_string());
-    let node = Node::start(settings(&via_proxy, None)).await;
+    let node = Node::start(TestSettings::new(&via_proxy).build()).await;
     let mut client = Client::connect(&node.url, None).await.expect("connect");
 
     proxy.cut();
-    let send = || {
-        client.emit_with_ack(
-            "chat message",
-            vec![json!("during outage"), json!("g2-1")],
-            Duration::from_secs(3),
-        )
-    };
+    let send = || client.try_send("during outage", Some("g2-1"), Duration::from_secs(3));
     match send().await {
         Err(ClientError::AckTimeout) => {}
         other => panic!("expected no ack while the database is down, got {other:?}"),
@@ -51,11 +44,7 @@ async fn g2_no_ack_while_the_database_is_unreachable_then_one_row_and_one_ack() 
             break;
         }
     }
-    let ack = acked.expect("acked once the database is back");
-    assert!(
-        ack.first().is_none_or(|a| a.get("error").is_none()),
-        "{ack:?}"
-    );
+    acked.expect("acked once the database is back").assert_ok();
     assert_eq!(db.count().await, 1, "exactly one row");
     let (content, offset) = client.next_chat_message(T).await.expect("broadcast");
     assert_eq!((content.as_str(), offset), ("during outage", 1));
@@ -76,20 +65,16 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
     let redis_url = redis.url();
     let prefix = unique("rr");
     // Polling the store would hide a dead subscription; make it too slow to matter here.
-    let slow_poll = |mut s: chorus::config::Settings| {
-        s.feed.poll_interval = Duration::from_secs(120);
-        s
-    };
+    let settings = TestSettings::new(&db)
+        .redis(&redis_url, &prefix)
+        .set("CHORUS__FEED__POLL_INTERVAL_MS", "120000");
     let mut nodes = Vec::new();
     for _ in 0..3 {
-        nodes.push(Node::start(slow_poll(settings(&db.url, Some((&redis_url, &prefix))))).await);
+        nodes.push(Node::start(settings.build()).await);
     }
     let sender = Client::connect(&nodes[0].url, None).await.expect("connect");
     let mut receiver = Client::connect(&nodes[2].url, None).await.expect("connect");
-    sender
-        .emit_with_ack("chat message", vec![json!("before"), json!("rr-0")], T)
-        .await
-        .expect("acked");
+    sender.send("before", Some("rr-0")).await;
     assert_eq!(
         receiver.next_chat_message(T).await.expect("before"),
         ("before".into(), 1)
@@ -101,10 +86,7 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
     })
     .await;
     // Stored while Redis is down: acked (the store is fine), delivered later.
-    sender
-        .emit_with_ack("chat message", vec![json!("during"), json!("rr-1")], T)
-        .await
-        .expect("acked while redis is down");
+    sender.send("during", Some("rr-1")).await;
     let _redis = PrivateRedis::start_on(port).await;
     for node in &nodes {
         wait_for(
@@ -128,13 +110,8 @@ async fn delivery_between_nodes_resumes_after_redis_restarts() {
             let nodes = &nodes;
             async move {
                 sender
-                    .emit_with_ack(
-                        "chat message",
-                        vec![json!(format!("after {i}")), json!(format!("rr-{i}"))],
-                        T,
-                    )
-                    .await
-                    .expect("acked");
+                    .send(&format!("after {i}"), Some(&format!("rr-{i}")))
+                    .await;
                 nodes[2].metric("chorus_bus_received_total").await > received_before
             }
         },
@@ -191,11 +168,8 @@ async fn recover_from_one(run: &Loaded) {
 async fn redis_restarted_under_load() {
     let db = TestDb::new().await;
     let private = PrivateRedis::start().await;
-    let mut setup = NodeSetup::new(&db, &private.url());
     // A small ring, so the recovery below cannot be served from memory.
-    setup
-        .env
-        .push(("CHORUS__FEED__RING_CAPACITY".into(), "16".into()));
+    let setup = setup(lb_settings(&db, &private.url()).set("CHORUS__FEED__RING_CAPACITY", "16"));
     let run = Loaded::start(Lb::Nginx, db, &setup).await;
     run.progress(100).await;
 
@@ -227,7 +201,7 @@ async fn redis_unreachable_for_10s_under_load() {
     require_redis(REDIS).await;
     let db = TestDb::new().await;
     let proxy = FaultProxy::start("127.0.0.1:6379").await;
-    let setup = NodeSetup::new(&db, &format!("redis://{}", proxy.addr));
+    let setup = setup(lb_settings(&db, &format!("redis://{}", proxy.addr)));
     let run = Loaded::start(Lb::Nginx, db, &setup).await;
     run.progress(100).await;
 
@@ -247,9 +221,9 @@ async fn redis_unreachable_for_10s_under_load() {
 async fn postgres_unreachable_for_10s_under_load() {
     let db = TestDb::new().await;
     let proxy = FaultProxy::start("127.0.0.1:5432").await;
-    let mut setup = NodeSetup::new(&db, REDIS);
-    setup.database_url = db.url.replace("127.0.0.1:5432", &proxy.addr.to_string());
-    let db_name = db.url.rsplit('/').next().unwrap_or_default().to_owned();
+    let via_proxy = db.url.replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let setup = setup(lb_settings(&via_proxy, REDIS));
+    let db_name = db.name().to_owned();
     let run = Loaded::start(Lb::Nginx, db, &setup).await;
     run.progress(100).await;
 
@@ -297,17 +271,14 @@ async fn postgres_unreachable_for_10s_under_load() {
 async fn a_slow_consumer_is_cut_off_and_the_others_do_not_wait() {
     require_redis(REDIS).await;
     let db = TestDb::new().await;
-    let mut setup = NodeSetup::new(&db, REDIS);
-    setup.env.extend([
-        ("CHORUS__TRANSPORT__MAX_BUFFER_SIZE".into(), "64".into()),
-        // A buffer of 64 packets must hold a full batch plus the socket's own acks.
-        ("CHORUS__STORE__BATCH_MAX".into(), "32".into()),
-        ("CHORUS__LIMITS__MAX_IN_FLIGHT".into(), "32".into()),
-        (
-            "CHORUS__TRANSPORT__SLOW_CONSUMER_TIMEOUT_MS".into(),
-            "2000".into(),
-        ),
-    ]);
+    let setup = setup(
+        lb_settings(&db, REDIS)
+            .set("CHORUS__TRANSPORT__MAX_BUFFER_SIZE", "64")
+            // A buffer of 64 packets must hold a full batch plus the socket's own acks.
+            .set("CHORUS__STORE__BATCH_MAX", "32")
+            .set("CHORUS__LIMITS__MAX_IN_FLIGHT", "32")
+            .set("CHORUS__TRANSPORT__SLOW_CONSUMER_TIMEOUT_MS", "2000"),
+    );
     let mut run = Loaded::start(Lb::Nginx, db, &setup).await;
     run.progress(100).await;
     run.mark("without").await;

@@ -2,24 +2,19 @@
 
 use std::time::Duration;
 
-use chorus::client::{Client, ClientError};
+use chorus_testkit::{Client, ClientError, Node, REDIS, TestDb, TestSettings, unique};
 use serde_json::{Value, json};
 
-use crate::support::{Node, REDIS, TestDb, settings, unique};
-
 const T: Duration = Duration::from_secs(10);
-
-fn error_code(ack: &[Value]) -> Option<&str> {
-    ack.first()?.get("error")?.get("code")?.as_str()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_input_of_each_kind_is_rejected_and_changes_nothing() {
     let db = TestDb::new().await;
-    let mut s = settings(&db.url, Some((REDIS, &unique("in"))));
-    s.limits.max_message_chars = 100;
-    s.limits.max_payload_bytes = 4096;
-    let node = Node::start(s).await;
+    let settings = TestSettings::new(&db)
+        .redis(REDIS, &unique("in"))
+        .set("CHORUS__LIMITS__MAX_MESSAGE_CHARS", "100")
+        .set("CHORUS__LIMITS__MAX_PAYLOAD_BYTES", "4096");
+    let node = Node::start(settings.build()).await;
     let mut bystander = Client::connect(&node.url, None).await.expect("connect");
     let client = Client::connect(&node.url, None).await.expect("connect");
 
@@ -42,20 +37,15 @@ async fn invalid_input_of_each_kind_is_rejected_and_changes_nothing() {
         ),
     ];
     for (args, code) in cases {
-        let ack = client
-            .emit_with_ack("chat message", args.clone(), T)
-            .await
-            .unwrap_or_else(|e| panic!("{args:?} must get an error ack, got {e}"));
-        assert_eq!(error_code(&ack), Some(code), "{args:?} -> {ack:?}");
-        let message = ack[0]["error"]["message"].as_str().unwrap_or("");
+        // Each must get an error ack.
+        let ack = client.send_args(&args).await;
+        assert_eq!(ack.error_code(), Some(code), "{args:?} -> {ack:?}");
+        let message = ack.error_message().unwrap_or("");
         assert!(!message.is_empty(), "error ack carries a message");
     }
     // The connection stayed open and still works.
-    let ack = client
-        .emit_with_ack("chat message", vec![json!("valid"), json!("c-ok")], T)
-        .await
-        .expect("valid send acked");
-    assert_eq!(error_code(&ack), None);
+    let ack = client.send("valid", Some("c-ok")).await;
+    assert_eq!(ack.error_code(), None);
 
     // Malformed packets and oversized frames close only the offender's connection.
     for raw in [
@@ -122,25 +112,19 @@ async fn invalid_input_of_each_kind_is_rejected_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_one_client_leaves_others_unaffected() {
-    let node = Node::start(settings("sqlite::memory:", None)).await;
+    let node = Node::start(TestSettings::new("sqlite::memory:").build()).await;
     let mut bystander = Client::connect(&node.url, None).await.expect("connect");
     let flooder = Client::connect(&node.url, None).await.expect("connect");
     // Fire 2 000 sends without waiting; some may be refused as rate limited, none may crash.
     for i in 0..2000 {
         flooder
-            .emit(
-                "chat message",
-                vec![json!(format!("flood {i}")), json!(format!("f-{i}"))],
-            )
-            .await
-            .expect("send");
+            .send_no_ack(&format!("flood {i}"), Some(&format!("f-{i}")))
+            .await;
     }
     let other = Client::connect(&node.url, None).await.expect("connect");
-    let ack = other
-        .emit_with_ack("chat message", vec![json!("still here"), json!("o-1")], T)
-        .await
-        .expect("another client is served during the flood");
-    assert_eq!(error_code(&ack), None);
+    // Another client is served during the flood.
+    let ack = other.send("still here", Some("o-1")).await;
+    assert_eq!(ack.error_code(), None);
     // The bystander receives a gapless, ordered stream that includes the other client's message.
     let mut expected = 1;
     loop {

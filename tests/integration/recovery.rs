@@ -5,11 +5,14 @@
 use std::{sync::Arc, time::Duration};
 
 use chorus::{
-    client::Client,
     metrics::ErrorKind,
     recovery::{RecoveryLog, Retention, StreamLog},
     runtime::Runtime,
     store::Message,
+};
+use chorus_testkit::{
+    Client, Node, PrivateRedis, REDIS, TestDb, TestSettings, TestSqlite, assert_acked, http_get,
+    require_redis, stop_all, unique, wait_for,
 };
 use fred::{
     clients::Client as Redis,
@@ -18,34 +21,28 @@ use fred::{
 };
 use serde_json::json;
 
-use crate::support::{
-    Node, PrivateRedis, REDIS, TestDb, recover, require_redis, settings_with, stop_all, unique,
-    wait_for,
-};
+use crate::support::recover;
 
 const T: Duration = Duration::from_secs(10);
 
-/// A small ring, so reconnects further back than 16 messages cannot be served from memory.
-const SMALL_RING: (&str, &str) = ("CHORUS__FEED__RING_CAPACITY", "16");
+/// `settings` with a small ring, so reconnects further back than 16 messages cannot be served
+/// from memory.
+fn small_ring(settings: TestSettings) -> TestSettings {
+    settings.set("CHORUS__FEED__RING_CAPACITY", "16")
+}
 
 /// Sends `n` messages `m1..=mn` through `url`, 100 in flight at a time, and waits for the acks.
 async fn send(url: &str, n: i64) {
     let sender = Client::connect(url, None).await.expect("connect");
     for chunk in (1..=n).collect::<Vec<_>>().chunks(100) {
-        let acks = chunk.iter().map(|i| {
-            sender.emit_with_ack(
-                "chat message",
-                vec![json!(format!("m{i}")), json!(format!("k-{i}"))],
-                T,
-            )
-        });
-        for ack in futures_util::future::join_all(acks).await {
-            let ack = ack.expect("acked");
-            assert!(
-                ack.first().is_none_or(|a| a.get("error").is_none()),
-                "{ack:?}"
-            );
-        }
+        let messages: Vec<_> = chunk
+            .iter()
+            .map(|i| (format!("m{i}"), format!("k-{i}")))
+            .collect();
+        let acks = messages
+            .iter()
+            .map(|(content, key)| sender.send(content, Some(key)));
+        assert_acked(futures_util::future::join_all(acks).await);
     }
     sender.close().await;
 }
@@ -86,9 +83,9 @@ async fn two_nodes_with_stream(n: i64) -> (TestDb, Vec<Node>) {
     let db = TestDb::new().await;
     let prefix = unique("rs");
     let mut nodes = Vec::new();
+    let settings = small_ring(TestSettings::new(&db).redis(REDIS, &prefix));
     for _ in 0..2 {
-        let settings = settings_with(&db.url, Some((REDIS, &prefix)), &[SMALL_RING]);
-        nodes.push(Node::start(settings).await);
+        nodes.push(Node::start(settings.build()).await);
     }
     send(&nodes[0].url, n).await;
     stream_reaches(&redis(REDIS).await, &stream_key(&db, &prefix).await, n).await;
@@ -135,12 +132,9 @@ async fn a_reconnect_behind_retention_is_served_from_the_database() {
     require_redis(REDIS).await;
     let db = TestDb::new().await;
     let prefix = unique("rd");
-    let node = Node::start(settings_with(
-        &db.url,
-        Some((REDIS, &prefix)),
-        &[SMALL_RING, ("CHORUS__RECOVERY__MAX_LEN", "50")],
-    ))
-    .await;
+    let settings = small_ring(TestSettings::new(&db).redis(REDIS, &prefix))
+        .set("CHORUS__RECOVERY__MAX_LEN", "50");
+    let node = Node::start(settings.build()).await;
     send(&node.url, 1000).await;
     let redis = redis(REDIS).await;
     let key = stream_key(&db, &prefix).await;
@@ -177,7 +171,7 @@ async fn a_lost_stream_sends_reconnects_to_the_database_until_it_covers_them_aga
     let private = PrivateRedis::start().await;
     let url = private.url();
     let prefix = unique("rl");
-    let node = Node::start(settings_with(&db.url, Some((&url, &prefix)), &[SMALL_RING])).await;
+    let node = Node::start(small_ring(TestSettings::new(&db).redis(&url, &prefix)).build()).await;
     send(&node.url, 100).await;
     let key = stream_key(&db, &prefix).await;
     stream_reaches(&redis(&url).await, &key, 100).await;
@@ -187,7 +181,7 @@ async fn a_lost_stream_sends_reconnects_to_the_database_until_it_covers_them_aga
     let _private = PrivateRedis::start_on(port).await;
     let redis = redis(&url).await;
     wait_for(T, "the node to be ready again", || async {
-        crate::support::http_get(node.addr, "/readyz").await.0 == 200
+        http_get(node.addr, "/readyz").await.0 == 200
     })
     .await;
     send_more(&node.url, 101, 120).await;
@@ -217,28 +211,18 @@ async fn a_lost_stream_sends_reconnects_to_the_database_until_it_covers_them_aga
 async fn send_more(url: &str, from: i64, to: i64) {
     let sender = Client::connect(url, None).await.expect("connect");
     for i in from..=to {
-        let ack = sender
-            .emit_with_ack(
-                "chat message",
-                vec![json!(format!("m{i}")), json!(format!("k-{i}"))],
-                T,
-            )
+        sender
+            .send(&format!("m{i}"), Some(&format!("k-{i}")))
             .await
-            .expect("acked");
-        assert!(
-            ack.first().is_none_or(|a| a.get("error").is_none()),
-            "{ack:?}"
-        );
+            .assert_ok();
     }
     sender.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_node_serves_reconnects_from_its_in_process_log() {
-    let dir = std::env::temp_dir().join(unique("chorus_sqlite"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let url = format!("sqlite://{}", dir.join("chat.db").display());
-    let node = Node::start(settings_with(&url, None, &[SMALL_RING])).await;
+    let sqlite = TestSqlite::new();
+    let node = Node::start(small_ring(TestSettings::new(&sqlite)).build()).await;
     send(&node.url, 300).await;
     let queries = node
         .metric("chorus_replay_reads_total{source=\"database\"}")
@@ -300,7 +284,15 @@ async fn live_messages_during_a_stream_recovery_are_merged_by_offset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_benchmark_runs() {
     require_redis(REDIS).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus-bench"))
+    // The bench is another package of the workspace, built beside chorus by
+    // `cargo nextest run --workspace` (scripts/test); it runs the chorus next to it.
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_chorus")).with_file_name("chorus-bench");
+    assert!(
+        bench.exists(),
+        "{} is missing: run the tests with --workspace",
+        bench.display()
+    );
+    let out = tokio::process::Command::new(&bench)
         .args(["all", "--quick"])
         .output()
         .await

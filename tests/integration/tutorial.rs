@@ -1,13 +1,14 @@
 //! The tutorial's flow with the official JavaScript client, on SQLite and on Postgres.
 
-use crate::support::{Node, REDIS, TestDb, run_js, settings, spawn_cluster, stop_all, unique};
+use chorus_testkit::{
+    Node, REDIS, TestDb, TestSettings, TestSqlite, http_get, run_js, spawn_cluster, stop_all,
+    unique,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tutorial_flow_on_sqlite_single_node() {
-    let dir = std::env::temp_dir().join(unique("chorus_sqlite"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let url = format!("sqlite://{}", dir.join("chat.db").display());
-    let node = Node::start(settings(&url, None)).await;
+    let sqlite = TestSqlite::new();
+    let node = Node::start(TestSettings::new(&sqlite).build()).await;
     for transport in ["websocket", "polling"] {
         run_js(
             "tutorial.test.mjs",
@@ -37,8 +38,7 @@ async fn tutorial_flow_on_postgres_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_bundle_health_and_metrics_are_served() {
-    use crate::support::http_get;
-    let node = Node::start(settings("sqlite::memory:", None)).await;
+    let node = Node::start(TestSettings::new("sqlite::memory:").build()).await;
     let (status, page) = http_get(node.addr, "/").await;
     assert_eq!(status, 200);
     assert!(

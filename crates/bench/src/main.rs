@@ -9,122 +9,173 @@ mod servers;
 
 use std::{fmt::Write as _, path::PathBuf, sync::Arc};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
+use chorus_testkit::{PG_ADMIN, REDIS, TestDb, fixture::repo_root, metrics, try_get};
+use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::{
     scenarios::{Fanout, FanoutResult},
-    servers::{Database, Server, Services, System},
+    servers::{Server, Services, System},
 };
 
-const USAGE: &str = "usage: chorus-bench <scenario> [options]
-
-scenarios:
-  all            every scenario below for chorus and the baseline; prints the side-by-side table,
-                 writes bench/results/ramp.csv and bench/results/ramp.svg
-  ramp           fanout at rising rates until p99 >= 50 ms or a message is lost (1 and 3 nodes)
-  fanout         one fanout run: --connections C --senders S --rate R --seconds D
-  connect        server memory per idle websocket connection (--connections N)
-  store          acked, stored messages/s with distinct client offsets, beside raw inserts
-  raw-inserts    rows/s of plain batched INSERTs (batches of 100, one connection), without and
-                 with chorus's identity index: the database's own ceiling for the store scenario
-  replay         one client recovering --messages N missed messages (stream, database)
-  trivial-server a trivial in-memory Socket.IO broadcaster (the generator's ceiling); internal
-
-options:
-  --system chorus|baseline|trivial   for single scenarios (default chorus)
-  --nodes N          servers behind the load (default 3)
-  --quick            small sizes: a smoke run of seconds
-  --pg URL           Postgres allowed to create databases (postgres://postgres@127.0.0.1:5432/postgres)
-  --redis URL        default redis://127.0.0.1:6379
-  --server-cpu N     pin servers to CPU N with taskset (default: 0 when there are 2+ CPUs;
-                     none: do not pin)";
+/// Idle connections of the connect scenario.
+const CONNECT_CONNECTIONS: usize = 2000;
+/// Missed messages one client recovers in the replay scenario.
+const REPLAY_MESSAGES: u64 = 100_000;
 
 /// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "chorus-bench",
+    version,
+    about = "Load scenarios against chorus and the Socket.IO tutorial's Node.js server, side by side",
+    long_about = "Load scenarios against chorus and, side by side, the Socket.IO tutorial's server on \
+                  Node.js with the Redis adapter (bench/baseline), on the same Postgres and Redis. \
+                  Every server is started by the bench itself; bench/README.md explains the scenarios."
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// The scenarios.
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Every scenario below for chorus and the baseline; prints the side-by-side table, writes
+    /// bench/results/ramp.csv, ramp.svg and summary.json
+    All,
+    /// Fanout at rising rates until p99 >= 50 ms or a message is lost
+    Ramp,
+    /// One fanout run
+    Fanout(FanoutArgs),
+    /// Server memory per idle websocket connection
+    Connect {
+        /// Idle connections to open
+        #[arg(long, default_value_t = CONNECT_CONNECTIONS, value_parser = positive)]
+        connections: usize,
+    },
+    /// Acked, stored messages/s with distinct client offsets
+    Store,
+    /// Rows/s of plain batched INSERTs (batches of 100, one connection), without and with
+    /// chorus's identity index: the database's own ceiling for the store scenario
+    RawInserts,
+    /// One client recovering missed messages (from the stream, then from the database)
+    Replay {
+        /// Messages the client missed
+        #[arg(long, default_value_t = REPLAY_MESSAGES)]
+        messages: u64,
+    },
+    /// A trivial in-memory Socket.IO broadcaster on $PORT (the generator's ceiling); internal
+    TrivialServer,
+}
+
+/// The fanout scenario's load.
+#[derive(Debug, Clone, Copy, Args)]
+struct FanoutArgs {
+    /// Connections, spread over the servers
+    #[arg(long, default_value_t = 500, value_parser = positive)]
+    connections: usize,
+    /// How many of the connections send
+    #[arg(long, default_value_t = 10)]
+    senders: usize,
+    /// Messages per second per sender
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// How long the senders send
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+}
+
+/// What every scenario takes.
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// The server of single scenarios
+    #[arg(long, value_enum, default_value_t = System::Chorus, global = true)]
+    system: System,
+    /// Servers behind the load
+    #[arg(long, default_value_t = 3, value_parser = positive, global = true)]
+    nodes: usize,
+    /// Small sizes: a smoke run of seconds
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Postgres allowed to create databases
+    #[arg(long = "pg", value_name = "URL", default_value = PG_ADMIN, global = true)]
+    pg_admin: String,
+    /// Redis
+    #[arg(long, value_name = "URL", default_value = REDIS, global = true)]
+    redis: String,
+    /// Pin the servers to CPU N with taskset, or `none` [default: 0 when there are 2+ CPUs]
+    #[arg(long, value_name = "N|none", value_parser = cpu_pin, global = true)]
+    server_cpu: Option<CpuPin>,
+}
+
+impl CommonArgs {
+    fn options(&self) -> Options {
+        let server_cpu = match self.server_cpu {
+            Some(CpuPin::None) => None,
+            Some(CpuPin::Cpu(cpu)) => Some(cpu),
+            None => {
+                // The machine's CPUs, not this process's: under `taskset -c 1` (as scripts/bench
+                // runs it) `available_parallelism` says 1, and the servers would share the
+                // generator's CPU.
+                let cpus = std::fs::read_to_string("/proc/cpuinfo")
+                    .map(|info| info.lines().filter(|l| l.starts_with("processor")).count())
+                    .unwrap_or(1);
+                (cpus >= 2).then_some(0)
+            }
+        };
+        Options {
+            system: self.system,
+            nodes: self.nodes,
+            quick: self.quick,
+            services: Services {
+                pg_admin: self.pg_admin.clone(),
+                redis: self.redis.clone(),
+                server_cpu,
+            },
+        }
+    }
+}
+
+/// The options of a run, as the scenarios use them.
 struct Options {
-    scenario: String,
     system: System,
     nodes: usize,
     quick: bool,
     services: Services,
-    connections: usize,
-    senders: usize,
-    rate: f64,
-    seconds: f64,
-    messages: u64,
 }
 
-fn options() -> anyhow::Result<Options> {
-    let mut args = std::env::args().skip(1);
-    let scenario = match args.next() {
-        Some(s) if s == "-h" || s == "--help" => {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        Some(s) => s,
-        None => bail!("{USAGE}"),
-    };
-    // The machine's CPUs, not this process's: under `taskset -c 1` (as scripts/bench runs it)
-    // `available_parallelism` says 1, and the servers would share the generator's CPU.
-    let cpus = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|info| info.lines().filter(|l| l.starts_with("processor")).count())
-        .unwrap_or(1);
-    let mut o = Options {
-        scenario,
-        system: System::Chorus,
-        nodes: 3,
-        quick: false,
-        services: Services {
-            pg_admin: "postgres://postgres@127.0.0.1:5432/postgres".into(),
-            redis: "redis://127.0.0.1:6379".into(),
-            server_cpu: (cpus >= 2).then_some(0),
-        },
-        connections: 500,
-        senders: 10,
-        rate: 20.0,
-        seconds: 5.0,
-        messages: 100_000,
-    };
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--system" => {
-                o.system = match value()?.as_str() {
-                    "chorus" => System::Chorus,
-                    "baseline" => System::Baseline,
-                    "trivial" => System::Trivial,
-                    other => bail!("unknown system {other:?}"),
-                }
-            }
-            "--nodes" => o.nodes = value()?.parse().context("--nodes")?,
-            "--quick" => o.quick = true,
-            "--pg" => o.services.pg_admin = value()?,
-            "--redis" => o.services.redis = value()?,
-            "--server-cpu" => {
-                o.services.server_cpu = match value()?.as_str() {
-                    "none" => None,
-                    cpu => Some(cpu.parse().context("--server-cpu")?),
-                }
-            }
-            "--connections" => o.connections = value()?.parse().context("--connections")?,
-            "--senders" => o.senders = value()?.parse().context("--senders")?,
-            "--rate" => o.rate = value()?.parse().context("--rate")?,
-            "--seconds" => o.seconds = value()?.parse().context("--seconds")?,
-            "--messages" => o.messages = value()?.parse().context("--messages")?,
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
-        }
+/// `--server-cpu`: a CPU number, or `none`.
+#[derive(Debug, Clone, Copy)]
+enum CpuPin {
+    None,
+    Cpu(usize),
+}
+
+fn cpu_pin(value: &str) -> Result<CpuPin, String> {
+    match value {
+        "none" => Ok(CpuPin::None),
+        cpu => cpu
+            .parse()
+            .map(CpuPin::Cpu)
+            .map_err(|_| format!("{cpu:?} is neither a CPU number nor `none`")),
     }
-    ensure!(
-        o.nodes >= 1 && o.connections >= 1,
-        "--nodes and --connections must be positive"
-    );
-    Ok(o)
+}
+
+fn positive(value: &str) -> Result<usize, String> {
+    match value.parse() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{value:?} is not a positive integer")),
+    }
 }
 
 /// `n` servers of `system` on one fresh database and Redis prefix.
 struct Cluster {
     servers: Vec<Server>,
-    db: Option<Database>,
+    db: Option<TestDb>,
 }
 
 impl Cluster {
@@ -137,7 +188,7 @@ impl Cluster {
         let tag = format!("{}_{}", system.name(), scenarios_counter());
         let db = match system {
             System::Trivial => None,
-            _ => Some(Database::create(&o.services, &tag).await?),
+            _ => Some(servers::create_database(&o.services, &tag).await?),
         };
         let prefix = format!("bench_{}_{tag}", std::process::id());
         let mut servers = Vec::with_capacity(n);
@@ -281,12 +332,9 @@ fn best(steps: &[FanoutResult]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-async fn connect_memory(system: System, o: &Options) -> anyhow::Result<f64> {
-    let n = if o.quick {
-        200
-    } else {
-        o.connections.max(2000)
-    };
+/// Server memory per idle websocket: `connections` of them to a fresh node.
+async fn connect_memory(system: System, o: &Options, connections: usize) -> anyhow::Result<f64> {
+    let n = if o.quick { 200 } else { connections };
     let cluster = Cluster::start(system, 1, o, &[]).await?;
     let (before, after, per) = scenarios::connect(&cluster.servers[0], n).await?;
     println!(
@@ -307,7 +355,7 @@ async fn raw_insert_rate(o: &Options) -> anyhow::Result<RawInserts> {
     let seconds = if o.quick { 1.0 } else { 5.0 };
     let mut rates = [0.0; 2];
     for (rate, identity) in rates.iter_mut().zip([false, true]) {
-        let db = Database::create(&o.services, "raw").await?;
+        let db = servers::create_database(&o.services, "raw").await?;
         let measured = scenarios::raw_inserts(&db.url, 100, seconds, identity).await;
         db.drop_now().await?;
         *rate = measured?;
@@ -341,8 +389,8 @@ async fn store_rate(system: System, o: &Options) -> anyhow::Result<f64> {
 }
 
 /// Recovery rates: (from the stream, from the database); the baseline has only the database.
-async fn replay(system: System, o: &Options) -> anyhow::Result<(Option<f64>, f64)> {
-    let n = if o.quick { 2_000 } else { o.messages };
+async fn replay(system: System, o: &Options, messages: u64) -> anyhow::Result<(Option<f64>, f64)> {
+    let n = if o.quick { 2_000 } else { messages };
     // Recoveries must come from the stream or the database, not a node's memory.
     let extra = [
         ("CHORUS__FEED__RING_CAPACITY", "64"),
@@ -393,14 +441,12 @@ async fn recovered_from(
     source: &str,
     recovery: impl Future<Output = anyhow::Result<f64>>,
 ) -> anyhow::Result<f64> {
-    let count = || async move {
-        let (_, body) = servers::get(port, "/metrics").await?;
-        let label = format!("source=\"{source}\"");
-        body.lines()
-            .find(|l| l.starts_with("chorus_replays_total{") && l.contains(&label))
-            .and_then(|l| l.rsplit_once(' '))
-            .and_then(|(_, v)| v.parse::<f64>().ok())
-            .context("chorus_replays_total")
+    let name = format!("chorus_replays_total{{source=\"{source}\"}}");
+    let count = || async {
+        let (_, body) = try_get(port, "/metrics")
+            .await
+            .with_context(|| format!("no /metrics on port {port}"))?;
+        metrics::value(&body, &name).with_context(|| format!("{name} is not in /metrics"))
     };
     let before = count().await?;
     let rate = recovery.await?;
@@ -420,7 +466,7 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 fn results_dir() -> anyhow::Result<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/results");
+    let dir = repo_root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
@@ -602,8 +648,8 @@ async fn all(o: &Options) -> anyhow::Result<()> {
             .map_or((0.0, 0.0), |(_, _, st)| best_sustained(st))
     };
     let mem = (
-        connect_memory(System::Chorus, o).await?,
-        connect_memory(System::Baseline, o).await?,
+        connect_memory(System::Chorus, o, CONNECT_CONNECTIONS).await?,
+        connect_memory(System::Baseline, o, CONNECT_CONNECTIONS).await?,
     );
     let raw = raw_insert_rate(o).await?;
     let stored = (
@@ -611,8 +657,8 @@ async fn all(o: &Options) -> anyhow::Result<()> {
         store_rate(System::Baseline, o).await?,
     );
     let (c_replay, b_replay) = (
-        replay(System::Chorus, o).await?,
-        replay(System::Baseline, o).await?,
+        replay(System::Chorus, o, REPLAY_MESSAGES).await?,
+        replay(System::Baseline, o, REPLAY_MESSAGES).await?,
     );
 
     let (c3, b3) = (
@@ -775,39 +821,101 @@ async fn trivial_server() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let o = options()?;
-    match o.scenario.as_str() {
-        "all" => all(&o).await,
-        "ramp" => {
+    let cli = Cli::parse();
+    let o = cli.common.options();
+    match cli.scenario {
+        Scenario::All => all(&o).await,
+        Scenario::Ramp => {
             let steps = ramp(o.system, o.nodes, &o).await?;
             println!("best: {:.0} deliveries/s", best(&steps));
             Ok(())
         }
-        "fanout" => {
+        Scenario::Fanout(args) => {
             let cluster = Cluster::start(o.system, o.nodes, &o, &[]).await?;
             let params = Fanout {
-                connections: o.connections,
-                senders: o.senders,
-                rate: o.rate,
-                seconds: o.seconds,
+                connections: args.connections,
+                senders: args.senders,
+                rate: args.rate,
+                seconds: args.seconds,
             };
             let r = scenarios::fanout(&cluster.urls(), params).await?;
             println!("{}", fanout_line(o.system, o.nodes, &r));
             println!("{}", serde_json::to_string(&r)?);
             cluster.stop().await
         }
-        "connect" => connect_memory(o.system, &o).await.map(|_| ()),
-        "store" => store_rate(o.system, &o).await.map(|_| ()),
-        "raw-inserts" => raw_insert_rate(&o).await.map(|_| ()),
-        "replay" => {
-            let (stream, database) = replay(o.system, &o).await?;
+        Scenario::Connect { connections } => {
+            connect_memory(o.system, &o, connections).await.map(|_| ())
+        }
+        Scenario::Store => store_rate(o.system, &o).await.map(|_| ()),
+        Scenario::RawInserts => raw_insert_rate(&o).await.map(|_| ()),
+        Scenario::Replay { messages } => {
+            let (stream, database) = replay(o.system, &o, messages).await?;
             println!(
                 "{}",
-                json!({ "scenario": "replay", "system": o.system.name(), "messages": o.messages, "stream_msgs_per_s": stream, "database_msgs_per_s": database })
+                json!({ "scenario": "replay", "system": o.system.name(), "messages": messages, "stream_msgs_per_s": stream, "database_msgs_per_s": database })
             );
             Ok(())
         }
-        "trivial-server" => trivial_server().await,
-        other => bail!("unknown scenario {other:?}\n{USAGE}"),
+        Scenario::TrivialServer => trivial_server().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn options_go_before_or_after_the_scenario() {
+        for args in [
+            &["chorus-bench", "all", "--quick"][..],
+            &["chorus-bench", "--quick", "all"],
+        ] {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            assert!(matches!(cli.scenario, Scenario::All));
+            assert!(cli.common.quick);
+        }
+        let cli = Cli::try_parse_from([
+            "chorus-bench",
+            "fanout",
+            "--connections",
+            "30",
+            "--senders",
+            "3",
+            "--rate",
+            "12.5",
+            "--system",
+            "baseline",
+            "--server-cpu",
+            "none",
+        ])
+        .expect("parses");
+        let Scenario::Fanout(args) = cli.scenario else {
+            panic!("not fanout: {:?}", cli.scenario);
+        };
+        assert_eq!((args.connections, args.senders, args.rate), (30, 3, 12.5));
+        let o = cli.common.options();
+        assert_eq!(o.system, System::Baseline);
+        assert_eq!(o.services.server_cpu, None);
+        assert_eq!(o.nodes, 3);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            &["chorus-bench", "ramp", "--nodes", "0"][..],
+            &["chorus-bench", "connect", "--connections", "-1"],
+            &["chorus-bench", "all", "--server-cpu", "first"],
+            &["chorus-bench", "all", "--system", "other"],
+            &["chorus-bench", "nothing"],
+            &["chorus-bench"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?} parsed");
+        }
     }
 }

@@ -12,8 +12,8 @@ use std::{
 use anyhow::{Context, ensure};
 use futures_util::future::join_all;
 use serde::Serialize;
+use serde_json::json;
 use tokio::sync::Barrier;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     conn::{Conn, Frame, parse},
@@ -207,17 +207,15 @@ async fn connection(
             }
             frame = conn.next() => {
                 let Some(frame) = frame? else { break };
-                if let Message::Text(text) = &frame {
-                    match parse(text) {
-                        Frame::Chat(content, offset) => stats.deliver(content, offset, &run.id, run.senders),
-                        Frame::Ack(id, ok) => {
-                            if let Some(at) = pending.remove(&id) {
-                                stats.acks.record(at.elapsed().as_micros() as u64);
-                                if ok { stats.acked += 1; }
-                            }
+                match parse(&frame) {
+                    Frame::ChatMessage { content, offset } => stats.deliver(&content, offset, &run.id, run.senders),
+                    Frame::Ack { id, error } => {
+                        if let Some(at) = pending.remove(&id) {
+                            stats.acks.record(at.elapsed().as_micros() as u64);
+                            if !error { stats.acked += 1; }
                         }
-                        Frame::Other => {}
                     }
+                    Frame::Ping(_) | Frame::Other => {}
                 }
             }
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -370,11 +368,9 @@ pub async fn store(
                 let Some(frame) = frame else {
                     break;
                 };
-                if let Message::Text(text) = &frame
-                    && let Frame::Ack(_, ok) = parse(text)
-                {
+                if let Frame::Ack { error, .. } = parse(&frame) {
                     in_flight -= 1;
-                    if ok {
+                    if !error {
                         acked += 1;
                     }
                 }
@@ -444,16 +440,14 @@ pub async fn raw_inserts(
 /// One client that saw `after` reconnects and receives through `last`; messages per second.
 pub async fn recover(url: &str, after: i64, last: i64) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let mut conn = Conn::connect(url, Some(&format!("{{\"serverOffset\":{after}}}"))).await?;
+    let mut conn = Conn::connect(url, Some(&json!({ "serverOffset": after }))).await?;
     let mut expected = after + 1;
     while expected <= last {
         let frame = tokio::time::timeout(Duration::from_secs(30), conn.next())
             .await
             .context("recovery stalled")??
             .context("closed during the recovery")?;
-        if let Message::Text(text) = &frame
-            && let Frame::Chat(_, offset) = parse(text)
-        {
+        if let Frame::ChatMessage { offset, .. } = parse(&frame) {
             ensure!(
                 offset == expected,
                 "got offset {offset}, expected {expected}"
@@ -480,8 +474,7 @@ pub async fn seed(url: &str, n: u64) -> anyhow::Result<(i64, i64)> {
                     .await
                     .context("seed messages did not arrive")??
                     .context("watcher closed")?;
-                if let Message::Text(text) = &frame
-                    && let Frame::Chat(content, offset) = parse(text)
+                if let Frame::ChatMessage { content, offset } = parse(&frame)
                     && content.starts_with(&run)
                 {
                     first.get_or_insert(offset);
@@ -506,10 +499,8 @@ pub async fn seed(url: &str, n: u64) -> anyhow::Result<(i64, i64)> {
             in_flight += 1;
         }
         let frame = conn.next().await?.context("closed while seeding")?;
-        if let Message::Text(text) = &frame
-            && let Frame::Ack(_, ok) = parse(text)
-        {
-            ensure!(ok, "a seed message was rejected");
+        if let Frame::Ack { error, .. } = parse(&frame) {
+            ensure!(!error, "a seed message was rejected");
             in_flight -= 1;
             acked += 1;
         }

@@ -3,17 +3,17 @@
 //! Socket.IO server that measures the load generator's own ceiling.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail, ensure};
-use sqlx::{Connection, PgConnection};
+use chorus_testkit::{TestDb, fixture::repo_root, free_port, try_get};
 use tokio::process::{Child, Command};
 
 /// Which server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum System {
     /// chorus.
     Chorus,
@@ -45,50 +45,13 @@ pub struct Services {
     pub server_cpu: Option<usize>,
 }
 
-/// A fresh database, dropped when the bench is done with it.
-pub struct Database {
-    pub url: String,
-    name: String,
-    admin: String,
-}
-
-impl Database {
-    /// Creates `chorus_bench_{pid}_{tag}`.
-    pub async fn create(services: &Services, tag: &str) -> anyhow::Result<Database> {
-        let name = format!("chorus_bench_{}_{tag}", std::process::id());
-        let mut admin = PgConnection::connect(&services.pg_admin)
-            .await
-            .with_context(|| format!("connect to {}", services.pg_admin))?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "drop database if exists {name} with (force)"
-        )))
-        .execute(&mut admin)
-        .await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {name}")))
-            .execute(&mut admin)
-            .await?;
-        let (base, _) = services
-            .pg_admin
-            .rsplit_once('/')
-            .context("the Postgres URL must end with /DATABASE")?;
-        Ok(Database {
-            url: format!("{base}/{name}"),
-            name,
-            admin: services.pg_admin.clone(),
-        })
-    }
-
-    /// Drops the database.
-    pub async fn drop_now(self) -> anyhow::Result<()> {
-        let mut admin = PgConnection::connect(&self.admin).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "drop database if exists {} with (force)",
-            self.name
-        )))
-        .execute(&mut admin)
-        .await?;
-        Ok(())
-    }
+/// A fresh database `chorus_bench_{pid}_{tag}` on the Postgres of `services`, for the bench to
+/// drop when it is done with it.
+pub async fn create_database(services: &Services, tag: &str) -> anyhow::Result<TestDb> {
+    let name = format!("chorus_bench_{}_{tag}", std::process::id());
+    TestDb::create(&services.pg_admin, &name)
+        .await
+        .with_context(|| format!("create database {name} through {}", services.pg_admin))
 }
 
 /// A server process, stopped when dropped (killed if `stop` was not called).
@@ -96,16 +59,6 @@ pub struct Server {
     child: Child,
     pub url: String,
     pub port: u16,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// `program` under `taskset -c CPU` when a CPU is given and taskset exists.
@@ -125,11 +78,11 @@ impl Server {
     pub async fn start(
         system: System,
         services: &Services,
-        db: Option<&Database>,
+        db: Option<&TestDb>,
         prefix: &str,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Server> {
-        let port = free_port()?;
+        let port = free_port();
         let mut cmd = match system {
             System::Chorus => {
                 let bin = std::env::current_exe()?.with_file_name("chorus");
@@ -186,7 +139,7 @@ impl Server {
         };
         let started = Instant::now();
         loop {
-            if matches!(get(port, "/readyz").await, Ok((200, _))) {
+            if matches!(try_get(port, "/readyz").await, Some((200, _))) {
                 return Ok(server);
             }
             if let Some(status) = server.child.try_wait()? {
@@ -239,24 +192,4 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
         + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     Ok(ticks / 100.0)
-}
-
-/// A minimal HTTP GET: (status, body).
-pub async fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("HTTP status")?;
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    Ok((status, body))
 }

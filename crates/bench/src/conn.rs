@@ -1,0 +1,77 @@
+//! A lean Socket.IO websocket connection for load generation: one task owns it, answers pings,
+//! and reads `chat message` events and acks without building JSON trees (the test kit's
+//! [`codec`] does the packets, its [`transport`] the join).
+
+use std::time::Duration;
+
+use chorus_testkit::{codec, transport};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+pub use chorus_testkit::codec::Lean as Frame;
+
+/// How long a connect may take: the bench opens thousands at once on a busy machine.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One connection, joined to namespace `/`.
+pub struct Conn {
+    ws: transport::Ws,
+    next_ack: u64,
+}
+
+impl Conn {
+    /// Connects to `base` (`http://host:port`) over websocket and joins `/` with `auth`.
+    pub async fn connect(base: &str, auth: Option<&Value>) -> anyhow::Result<Conn> {
+        let joined = transport::join(base, auth, CONNECT_TIMEOUT).await?;
+        Ok(Conn {
+            ws: joined.ws,
+            next_ack: 0,
+        })
+    }
+
+    /// Emits `chat message` with `content` and `client_offset`, asking for an ack; returns the
+    /// ack id.
+    pub async fn emit(&mut self, content: &str, client_offset: &str) -> anyhow::Result<u64> {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        let frame = codec::encode_chat_message(content, Some(client_offset), Some(id));
+        self.ws.send(Message::text(frame)).await?;
+        Ok(id)
+    }
+
+    /// The next frame; `None` when the connection closed. Pings are answered here.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Message>> {
+        loop {
+            let Some(frame) = self.ws.next().await else {
+                return Ok(None);
+            };
+            let frame = frame?;
+            if let Message::Text(text) = &frame
+                && let Frame::Ping(payload) = codec::decode_lean(text)
+            {
+                let pong = codec::encode_pong(payload);
+                self.ws.send(Message::text(pong)).await?;
+                continue;
+            }
+            if matches!(frame, Message::Close(_)) {
+                return Ok(None);
+            }
+            return Ok(Some(frame));
+        }
+    }
+
+    /// Closes the websocket.
+    pub async fn close(mut self) {
+        // The server may have closed first; either way the connection is gone.
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// Reads a frame: a chat message, an ack, or something else.
+pub fn parse(frame: &Message) -> Frame<'_> {
+    match frame {
+        Message::Text(text) => codec::decode_lean(text),
+        _ => Frame::Other,
+    }
+}

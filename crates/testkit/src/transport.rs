@@ -1,0 +1,183 @@
+//! The websocket under every client of the kit and the bench: the Engine.IO endpoint of a base
+//! URL, the connection (optionally over a TCP socket the caller prepared) and the join of
+//! namespace `/`.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+use crate::{
+    client::{ClientError, Event},
+    codec::{self, Packet, SocketPacket},
+};
+
+/// A websocket to a server.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A websocket that has joined namespace `/`.
+pub struct Joined {
+    pub ws: Ws,
+    /// The Socket.IO session id from the server's CONNECT answer.
+    pub sid: String,
+    /// Events that arrived before the CONNECT answer, in order.
+    pub early_events: Vec<Event>,
+}
+
+/// Turns `http://host:port` (or https/ws/wss) into the Engine.IO websocket endpoint URL.
+pub fn websocket_url(base_url: &str) -> Result<String, ClientError> {
+    let trimmed = base_url.trim().trim_end_matches('/');
+    let (scheme, rest) = trimmed
+        .split_once("://")
+        .ok_or_else(|| ClientError::InvalidUrl(base_url.to_owned()))?;
+    let ws_scheme = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => "ws",
+        "https" | "wss" => "wss",
+        _ => return Err(ClientError::InvalidUrl(base_url.to_owned())),
+    };
+    if rest.is_empty() {
+        return Err(ClientError::InvalidUrl(base_url.to_owned()));
+    }
+    Ok(format!(
+        "{ws_scheme}://{rest}/socket.io/?EIO=4&transport=websocket"
+    ))
+}
+
+/// Connects to `base_url` over websocket and joins `/` with `auth`, all within `limit`.
+pub async fn join(
+    base_url: &str,
+    auth: Option<&Value>,
+    limit: Duration,
+) -> Result<Joined, ClientError> {
+    // TCP_NODELAY: small frames are not held back (the servers set it too).
+    join_by(base_url, auth, limit, |url| {
+        tokio_tungstenite::connect_async_with_config(url, None, true)
+    })
+    .await
+}
+
+/// Like [`join`] over `stream`, a TCP connection to the server the caller set up itself (for
+/// socket options a plain connect does not set).
+pub async fn join_over(
+    stream: TcpStream,
+    base_url: &str,
+    auth: Option<&Value>,
+    limit: Duration,
+) -> Result<Joined, ClientError> {
+    join_by(base_url, auth, limit, |url| {
+        tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+    })
+    .await
+}
+
+/// Opens the websocket to `base_url`'s endpoint with `open` and joins `/`, within `limit`.
+async fn join_by<F, Fut, R>(
+    base_url: &str,
+    auth: Option<&Value>,
+    limit: Duration,
+    open: F,
+) -> Result<Joined, ClientError>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = Result<(Ws, R), tokio_tungstenite::tungstenite::Error>>,
+{
+    let url = websocket_url(base_url)?;
+    let join = async {
+        let (ws, _response) = open(url).await?;
+        handshake(ws, auth).await
+    };
+    tokio::time::timeout(limit, join)
+        .await
+        .unwrap_or(Err(ClientError::ConnectTimeout(limit)))
+}
+
+/// Reads the Engine.IO open packet, sends CONNECT and waits for the namespace's answer.
+async fn handshake(mut ws: Ws, auth: Option<&Value>) -> Result<Joined, ClientError> {
+    let mut opened = false;
+    let mut early_events = Vec::new();
+    while let Some(frame) = ws.next().await {
+        let text = match frame? {
+            Message::Text(text) => text,
+            Message::Close(_) => return Err(ClientError::Closed),
+            _ => continue,
+        };
+        match codec::decode(text.as_str())? {
+            Packet::Open(open) if !opened => {
+                tracing::debug!(%open, "engine.io open");
+                opened = true;
+                ws.send(Message::text(codec::encode_connect(auth))).await?;
+            }
+            Packet::Open(_) => {
+                return Err(codec::ProtocolError("second Engine.IO open packet".into()).into());
+            }
+            Packet::Close => return Err(ClientError::Closed),
+            Packet::Ping(payload) => ws.send(Message::text(codec::encode_pong(&payload))).await?,
+            Packet::Pong | Packet::Noop => {}
+            Packet::Socket { nsp, .. } if nsp != "/" => {}
+            Packet::Socket { packet, .. } if !opened => {
+                let message = format!("{packet:?} before the open packet");
+                return Err(codec::ProtocolError(message).into());
+            }
+            Packet::Socket { packet, .. } => match packet {
+                SocketPacket::Connect(payload) => {
+                    let sid = payload
+                        .as_ref()
+                        .and_then(|p| p.get("sid"))
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| {
+                            codec::ProtocolError(format!("CONNECT answer without sid: {payload:?}"))
+                        })?
+                        .to_owned();
+                    return Ok(Joined {
+                        ws,
+                        sid,
+                        early_events,
+                    });
+                }
+                SocketPacket::ConnectError(message) => {
+                    return Err(ClientError::ConnectRejected(message));
+                }
+                SocketPacket::Disconnect => return Err(ClientError::Closed),
+                SocketPacket::Event { name, args, .. } => early_events.push((name, args)),
+                SocketPacket::Ack { .. } | SocketPacket::Binary => {}
+            },
+        }
+    }
+    Err(ClientError::Closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_base_urls() {
+        let url = |base: &str| websocket_url(base).expect("a valid base url");
+        assert_eq!(
+            url("http://127.0.0.1:3000"),
+            "ws://127.0.0.1:3000/socket.io/?EIO=4&transport=websocket"
+        );
+        assert_eq!(
+            url("http://localhost:3000/"),
+            "ws://localhost:3000/socket.io/?EIO=4&transport=websocket"
+        );
+        assert_eq!(
+            url("https://h"),
+            "wss://h/socket.io/?EIO=4&transport=websocket"
+        );
+        assert_eq!(
+            url("ws://h:1"),
+            "ws://h:1/socket.io/?EIO=4&transport=websocket"
+        );
+        assert!(matches!(
+            websocket_url("127.0.0.1:3000"),
+            Err(ClientError::InvalidUrl(_))
+        ));
+        assert!(matches!(
+            websocket_url("ftp://h"),
+            Err(ClientError::InvalidUrl(_))
+        ));
+    }
+}
