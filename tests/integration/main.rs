@@ -1,5 +1,6 @@
 //! Integration tests: real nodes, real Postgres and Redis, real Socket.IO clients.
 
+mod abuse;
 mod cluster;
 mod deploy;
 mod faults;

@@ -145,6 +145,17 @@ impl TestSqlite {
             _dir: dir,
         }
     }
+
+    /// Rows in `messages` (the node has created the file by then).
+    pub async fn count(&self) -> i64 {
+        let mut conn = sqlx::SqliteConnection::connect(&self.url)
+            .await
+            .expect("open the test SQLite file");
+        sqlx::query_scalar("select count(*) from messages")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count messages")
+    }
 }
 
 impl Default for TestSqlite {

@@ -31,3 +31,63 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .unwrap_or_else(|| panic!("GET {path} on {addr} got no answer"))
 }
+
+/// An Engine.IO long-polling session spoken by hand, for packets no Socket.IO client would
+/// send: open, then POST raw packets and GET what the server queued.
+pub struct PollingSession {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl PollingSession {
+    /// Opens a session on the node on `port` and joins namespace `/`.
+    pub async fn open(port: u16) -> PollingSession {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(GET_TIMEOUT)
+            .build()
+            .expect("an HTTP client without TLS builds");
+        let base = format!("http://127.0.0.1:{port}/socket.io/?EIO=4&transport=polling");
+        let open = client
+            .get(&base)
+            .send()
+            .await
+            .expect("polling handshake")
+            .text()
+            .await
+            .expect("handshake body");
+        let json = open.strip_prefix('0').expect("an Engine.IO OPEN packet");
+        let sid = serde_json::from_str::<serde_json::Value>(json).expect("OPEN is JSON")["sid"]
+            .as_str()
+            .expect("OPEN names the sid")
+            .to_owned();
+        let session = PollingSession {
+            client,
+            url: format!("{base}&sid={sid}"),
+        };
+        assert_eq!(session.post("40").await, 200, "CONNECT to /");
+        session
+    }
+
+    /// POSTs one payload; the HTTP status.
+    pub async fn post(&self, payload: &str) -> u16 {
+        self.client
+            .post(&self.url)
+            .body(payload.to_owned())
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// GETs what the server queued; `(status, body)`. A closed session answers 400.
+    pub async fn poll(&self) -> (u16, String) {
+        match self.client.get(&self.url).send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.text().await.unwrap_or_default())
+            }
+            Err(_) => (0, String::new()),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! A client acting as an attacker would: input that used to poison other clients' acks, packets
+//! that used to be half-executed, connections that used to be held open for ever. Each test
+//! checks that the offender changes nothing and that a well-behaved client is still served.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use chorus_testkit::{Client, Node, PollingSession, TestDb, TestSettings, TestSqlite, wait_for};
+
+const T: Duration = Duration::from_secs(10);
+
+/// Valid, NUL, valid sent back to back: Postgres refused a NUL, and the batch it shared with
+/// the valid messages lost every ack. Now both backends refuse it alone, with an error ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_is_refused_alike_on_both_backends_and_costs_no_one_an_ack() {
+    let postgres = TestDb::new().await;
+    let sqlite = TestSqlite::new();
+    for (backend, settings) in [
+        ("postgres", TestSettings::new(&postgres)),
+        ("sqlite", TestSettings::new(&sqlite)),
+    ] {
+        let node = Node::start(settings.build()).await;
+        let sender = Client::connect(&node.url, None).await.expect("connect");
+        let other = Client::connect(&node.url, None).await.expect("connect");
+        // Sent without waiting for each ack, so the writer takes them as one batch.
+        let (before, nul, nul_offset, beside, after) = tokio::join!(
+            sender.send("before", Some("n-1")),
+            sender.send("a\u{0}b", Some("n-2")),
+            sender.send("offset", Some("n-\u{0}")),
+            other.send("beside", Some("o-1")),
+            sender.send("after", Some("n-3")),
+        );
+        for ack in [&before, &beside, &after] {
+            assert!(ack.is_ok(), "{backend}: {ack:?}");
+        }
+        assert_eq!(nul.error_code(), Some("invalid_content"), "{backend}");
+        assert_eq!(
+            nul_offset.error_code(),
+            Some("invalid_client_offset"),
+            "{backend}"
+        );
+        node.stop().await;
+        let stored = match backend {
+            "postgres" => postgres.count().await,
+            _ => sqlite.count().await,
+        };
+        assert_eq!(
+            stored, 3,
+            "{backend}: the three valid messages, nothing else"
+        );
+    }
+}
+
+/// `4299999999999999999999999999999["chat message","x","o"]` asks for an ack whose id does
+/// not fit in 64 bits. It was read as "no ack": stored and broadcast, never acked. Now it is a
+/// malformed packet: refused, over websocket and over polling, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_id_too_large_is_refused_and_nothing_is_stored() {
+    const PACKET: &str = r#"4299999999999999999999999999999["chat message","x","o"]"#;
+    let db = TestDb::new().await;
+    let node = Node::start(TestSettings::new(&db).build()).await;
+
+    let mut websocket = Client::connect(&node.url, None).await.expect("connect");
+    websocket.send_raw(PACKET.to_owned()).await.expect("send");
+    websocket
+        .wait_closed(T)
+        .await
+        .expect("a malformed packet closes the websocket session");
+
+    let polling = PollingSession::open(node.addr.port()).await;
+    polling.post(PACKET).await;
+    wait_for(T, "the polling session to be closed", || async {
+        polling.poll().await.0 != 200
+    })
+    .await;
+
+    // Anything the bad packets had queued for the writer would be stored before this.
+    let bystander = Client::connect(&node.url, None).await.expect("connect");
+    bystander
+        .send("still served", Some("b-1"))
+        .await
+        .assert_ok();
+    assert_eq!(db.count().await, 1, "only the bystander's message");
+    node.stop().await;
+}
+
+/// How long a test node gives a connection to send a request head.
+const HEAD_DEADLINE_MS: &str = "1000";
+
+/// Reads until the peer closes; the bytes it sent first.
+fn read_to_close(mut stream: TcpStream) -> Vec<u8> {
+    stream.set_read_timeout(Some(T)).expect("read timeout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return seen,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(error) => panic!("the node did not close the connection within {T:?}: {error}"),
+        }
+    }
+}
+
+/// Connections that send nothing, that trickle a partial head, or that sit idle after a
+/// response are closed after the head deadline; a head beyond the size bound gets 431. A
+/// websocket idle for longer than the deadline is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_trickling_idle_and_oversized_connections_are_closed() {
+    let db = TestDb::new().await;
+    let settings = TestSettings::new(&db)
+        .set(
+            "CHORUS__TRANSPORT__HEADER_READ_TIMEOUT_MS",
+            HEAD_DEADLINE_MS,
+        )
+        .set("CHORUS__TRANSPORT__MAX_HEADER_BYTES", "4096");
+    let node = Node::start(settings.build()).await;
+    let addr = node.addr;
+    let websocket = Client::connect(&node.url, None).await.expect("connect");
+
+    let silent = TcpStream::connect(addr).expect("connect");
+    let started = Instant::now();
+    let said = tokio::task::spawn_blocking(move || read_to_close(silent))
+        .await
+        .expect("reader");
+    assert!(said.is_empty(), "closed without an answer");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the deadline"
+    );
+
+    let trickler = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .expect("write");
+        let started = Instant::now();
+        // A byte every 200 ms: it never completes the head, and that does not buy it time.
+        while started.elapsed() < T {
+            if stream.write_all(b"X").is_err() {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("a trickling connection was still open after {T:?}");
+    });
+    let open_for = trickler.await.expect("trickler");
+    assert!(
+        open_for < Duration::from_secs(5),
+        "closed near the deadline: {open_for:?}"
+    );
+
+    let idle = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        // The answer, then nothing more: keep-alive idle until the node closes it.
+        read_to_close(stream)
+    });
+    let said = String::from_utf8_lossy(&idle.await.expect("idle")).into_owned();
+    assert!(said.starts_with("HTTP/1.1 200"), "{said}");
+
+    let oversized = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        let head = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "p".repeat(8000)
+        );
+        stream.write_all(head.as_bytes()).expect("write");
+        read_to_close(stream)
+    });
+    let said = String::from_utf8_lossy(&oversized.await.expect("oversized")).into_owned();
+    assert!(said.starts_with("HTTP/1.1 431"), "{said}");
+
+    // The websocket has been idle for longer than the deadline all along, and still works.
+    websocket
+        .send("after the deadline", Some("w-1"))
+        .await
+        .assert_ok();
+    node.stop().await;
+}
