@@ -11,9 +11,6 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 
-pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
-
 use crate::config::Settings;
 
 /// A message as a client sent it, validated, not yet stored.
@@ -109,73 +106,52 @@ pub async fn connect(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> 
     }
 }
 
-/// What differs between the backends. [`Store`] is implemented once, for both, on top of it.
-trait Backend: Send + Sync + 'static {
-    /// The sqlx database.
-    type Db: sqlx::Database;
-    /// The query that reads the highest committed offset.
-    const HEAD: &'static str;
-    /// The pool and its time limit.
-    fn pooled(&self) -> &Pooled<Self::Db>;
-    /// [`Store::append`], the one operation whose SQL differs.
-    fn append<'a>(
-        &'a self,
-        batch: &'a [NewMessage],
-    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>>;
-}
-
-impl<B: Backend> Store for B
-where
-    Pooled<B::Db>: Queries,
-{
-    fn append<'a>(
-        &'a self,
-        batch: &'a [NewMessage],
-    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
-        Backend::append(self, batch)
-    }
-
-    fn read_after(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>> {
-        self.pooled().read_after(after, limit)
-    }
-
-    fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
-        self.pooled().head(B::HEAD)
-    }
-
-    fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>> {
-        self.pooled().epoch()
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.pooled().pool.close())
-    }
-}
-
-/// A pool with its time limit.
-struct Pooled<DB: sqlx::Database> {
+/// Messages in a SQL database: [`PgStore`] or [`SqliteStore`]. A pool and its time limit.
+pub struct SqlStore<DB: sqlx::Database> {
     pool: sqlx::Pool<DB>,
     timeout: Duration,
 }
 
-/// The queries both backends run alike: the SQL is the same (SQLite takes `$N` parameters too).
-trait Queries {
-    fn read_after(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>>;
-    fn head(&self, sql: &'static str) -> BoxFuture<'_, Result<i64, StoreError>>;
-    fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>>;
+impl<DB: sqlx::Database> SqlStore<DB>
+where
+    DB::Connection: sqlx::migrate::Migrate,
+{
+    /// Connects a pool of `pool` (each connection made with `connect`, getting one waits at
+    /// most `timeout`), then brings the schema up to date with `migrator` (on Postgres under an
+    /// advisory lock, so several nodes may start at once).
+    async fn open(
+        pool: sqlx::pool::PoolOptions<DB>,
+        connect: <DB::Connection as sqlx::Connection>::Options,
+        timeout: Duration,
+        migrator: sqlx::migrate::Migrator,
+    ) -> Result<Self, StoreError> {
+        let pool = pool.acquire_timeout(timeout).connect_with(connect).await?;
+        migrator.run(&pool).await?;
+        Ok(Self { pool, timeout })
+    }
 }
 
-impl<DB> Queries for Pooled<DB>
+/// Messages in Postgres, shared by every node of a cluster.
+pub type PgStore = SqlStore<sqlx::Postgres>;
+/// Messages in a local SQLite file (or in memory).
+pub type SqliteStore = SqlStore<sqlx::Sqlite>;
+
+/// What a store's append returns.
+type Appending<'a> = BoxFuture<'a, Result<Vec<Appended>, StoreError>>;
+
+/// What differs between the databases; [`Store`] is implemented once, for both, on top of it.
+pub trait Dialect: sqlx::Database {
+    /// The query that reads the highest committed offset.
+    const HEAD: &'static str;
+    /// [`Store::append`], the one operation whose SQL differs.
+    fn append<'a>(store: &'a SqlStore<Self>, batch: &'a [NewMessage]) -> Appending<'a>;
+}
+
+/// Everything else both databases run alike: the SQL is the same (SQLite takes `$N`
+/// parameters too).
+impl<DB> Store for SqlStore<DB>
 where
-    DB: sqlx::Database,
+    DB: Dialect,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     DB::Arguments: sqlx::IntoArguments<DB>,
     for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
@@ -184,6 +160,10 @@ where
     for<'r> Message: sqlx::FromRow<'r, DB::Row>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
+    fn append<'a>(&'a self, batch: &'a [NewMessage]) -> Appending<'a> {
+        DB::append(self, batch)
+    }
+
     fn read_after(
         &self,
         after: i64,
@@ -200,10 +180,10 @@ where
         ))
     }
 
-    fn head(&self, sql: &'static str) -> BoxFuture<'_, Result<i64, StoreError>> {
+    fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
         Box::pin(timed(
             self.timeout,
-            sqlx::query_scalar(sql).fetch_one(&self.pool),
+            sqlx::query_scalar(DB::HEAD).fetch_one(&self.pool),
         ))
     }
 
@@ -212,6 +192,10 @@ where
             self.timeout,
             sqlx::query_scalar("select epoch from chorus_meta").fetch_one(&self.pool),
         ))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.pool.close())
     }
 }
 

@@ -2,15 +2,9 @@
 
 use std::{str::FromStr, time::Duration};
 
-use futures_util::future::BoxFuture;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::{Appended, Backend, NewMessage, Pooled, StoreError, timed};
-
-/// Messages in a local SQLite file (or in memory).
-pub struct SqliteStore {
-    db: Pooled<sqlx::Sqlite>,
-}
+use super::{Appended, Appending, Dialect, NewMessage, SqlStore, SqliteStore, StoreError, timed};
 
 impl SqliteStore {
     /// Opens (creating if missing) the database and applies migrations.
@@ -27,19 +21,13 @@ impl SqliteStore {
             .max_connections(if in_memory { 1 } else { max })
             .min_connections(if in_memory { 1 } else { 0 })
             .idle_timeout(None)
-            .max_lifetime(None)
-            .acquire_timeout(timeout)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Self {
-            db: Pooled { pool, timeout },
-        })
+            .max_lifetime(None);
+        SqlStore::open(pool, options, timeout, sqlx::migrate!("migrations/sqlite")).await
     }
 
     async fn append_inner(&self, batch: &[NewMessage]) -> Result<Vec<Appended>, sqlx::Error> {
         // IMMEDIATE takes the write lock first, so the head read below cannot go stale.
-        let mut tx = self.db.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut head: i64 = sqlx::query_scalar("select coalesce(max(id), 0) from messages")
             .fetch_one(&mut *tx)
             .await?;
@@ -72,18 +60,10 @@ impl SqliteStore {
     }
 }
 
-impl Backend for SqliteStore {
-    type Db = sqlx::Sqlite;
+impl Dialect for sqlx::Sqlite {
     const HEAD: &'static str = "select coalesce(max(id), 0) from messages";
 
-    fn pooled(&self) -> &Pooled<sqlx::Sqlite> {
-        &self.db
-    }
-
-    fn append<'a>(
-        &'a self,
-        batch: &'a [NewMessage],
-    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
-        Box::pin(timed(self.db.timeout, self.append_inner(batch)))
+    fn append<'a>(store: &'a SqliteStore, batch: &'a [NewMessage]) -> Appending<'a> {
+        Box::pin(timed(store.timeout, store.append_inner(batch)))
     }
 }
