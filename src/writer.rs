@@ -332,17 +332,17 @@ mod tests {
         assert_eq!(fresh, [7, 8]);
     }
 
-    /// What Postgres says of a NUL byte in text: a data exception (class 22).
+    /// A row the database refuses for its data: a check violation.
     #[derive(Debug, thiserror::Error)]
-    #[error("invalid byte sequence for encoding \"UTF8\": 0x00")]
+    #[error("new row violates a check constraint")]
     struct DataException;
 
     impl sqlx::error::DatabaseError for DataException {
         fn message(&self) -> &str {
-            "invalid byte sequence"
+            "new row violates a check constraint"
         }
         fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
-            Some("22021".into())
+            Some("23514".into())
         }
         fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
             self
@@ -354,7 +354,7 @@ mod tests {
             self
         }
         fn kind(&self) -> sqlx::error::ErrorKind {
-            sqlx::error::ErrorKind::Other
+            sqlx::error::ErrorKind::CheckViolation
         }
     }
 

@@ -58,16 +58,20 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the database refused the data itself, so that the same rows would fail again
-    /// (a Postgres data exception, class 22, or a check or not-null violation), as opposed to
-    /// being unreachable, busy or slow.
+    /// (a Postgres data exception, SQLSTATE class 22, or a check or not-null violation on either
+    /// database), as opposed to being unreachable, busy or slow.
     pub fn is_refusal(&self) -> bool {
         let Self::Database(sqlx::Error::Database(error)) = self else {
             return false;
         };
-        matches!(
-            error.kind(),
-            sqlx::error::ErrorKind::CheckViolation | sqlx::error::ErrorKind::NotNullViolation
-        ) || error.code().is_some_and(|code| code.starts_with("22"))
+        let data_exception = error
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some_and(|pg| pg.code().starts_with("22"));
+        data_exception
+            || matches!(
+                error.kind(),
+                sqlx::error::ErrorKind::CheckViolation | sqlx::error::ErrorKind::NotNullViolation
+            )
     }
 }
 
