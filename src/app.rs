@@ -60,6 +60,7 @@ type CloseSockets = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
 /// A node ready to serve: bound, connected, migrated.
 pub struct App {
     listener: TcpListener,
+    addr: SocketAddr,
     router: Router,
     node_id: Arc<str>,
     http: Arc<HttpState>,
@@ -86,8 +87,8 @@ enum Mode {
 /// Builds a node: binds the port, opens the store, connects Redis when configured, and wires
 /// the parts the way `docs/DESIGN.md` draws them.
 pub async fn build(settings: Settings) -> Result<App, StartError> {
-    let listener = bind(&settings).await?;
-    let node_id = node_id(&settings, &listener);
+    let (listener, addr) = bind(&settings).await?;
+    let node_id = node_id(&settings, addr);
     crate::logging::set_node(&node_id);
     let runtime = Runtime::new(&node_id);
 
@@ -129,9 +130,10 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         .socket_io(&settings, http::routes(http.clone()), chat, &runtime)
         .await?;
 
-    tracing::info!(node = %node_id, addr = ?listener.local_addr().ok(), clustered = settings.clustered(), head, "node ready");
+    tracing::info!(node = %node_id, %addr, clustered = settings.clustered(), head, "node ready");
     Ok(App {
         listener,
+        addr,
         router,
         node_id,
         http,
@@ -144,21 +146,20 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
     })
 }
 
-async fn bind(settings: &Settings) -> Result<TcpListener, StartError> {
+async fn bind(settings: &Settings) -> Result<(TcpListener, SocketAddr), StartError> {
     let addr = format!("{}:{}", settings.host, settings.port);
-    TcpListener::bind(&addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    let bound = TcpListener::bind(&addr).await.and_then(|listener| {
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    });
+    bound.map_err(|source| StartError::Bind { addr, source })
 }
 
 /// The configured node id, or the host name and the bound port.
-fn node_id(settings: &Settings, listener: &TcpListener) -> Arc<str> {
+fn node_id(settings: &Settings, addr: SocketAddr) -> Arc<str> {
     match &settings.node_id {
         Some(id) => id.as_str().into(),
-        None => {
-            let port = listener.local_addr().map_or(settings.port, |a| a.port());
-            format!("{}:{port}", host_name()).into()
-        }
+        None => format!("{}:{}", host_name(), addr.port()).into(),
     }
 }
 
@@ -312,10 +313,7 @@ fn host_name() -> String {
 impl App {
     /// The address the node listens on (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        // Bound in `build`, so the address is known; fall back to unspecified only in theory.
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.addr
     }
 
     /// This node's name in logs and metrics.
