@@ -56,6 +56,14 @@ pub struct LimitSettings {
     pub max_in_flight: usize,
     /// Largest incoming Engine.IO payload or websocket message, in bytes.
     pub max_payload_bytes: u64,
+    /// Sends one socket may make per second, on average (a token bucket); more are refused
+    /// as rate limited.
+    pub messages_per_second: u32,
+    /// Sends one socket may make at once before the rate applies (the bucket's size). The
+    /// tutorial's client sends what it queued while disconnected in one burst on reconnect.
+    pub message_burst: u32,
+    /// A socket whose sends are refused as rate limited this many times in a row is disconnected.
+    pub rate_limited_disconnect_after: u32,
 }
 
 /// Per-connection buffers and timeouts of the Socket.IO transport.
@@ -233,6 +241,9 @@ max_message_chars = 4096
 max_client_offset_chars = 128
 max_in_flight = 256
 max_payload_bytes = 65536
+messages_per_second = 10
+message_burst = 50
+rate_limited_disconnect_after = 100
 
 [transport]
 max_buffer_size = 4096

@@ -3,7 +3,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed},
     },
     time::Instant,
 };
@@ -26,6 +26,11 @@ use crate::{
 /// Input limits, from the settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Each socket's send rate: a token bucket of `message_burst` sends, refilled at
+    /// `messages_per_second`.
+    pub rate: governor::Quota,
+    /// Rate-limited sends in a row after which the socket is disconnected.
+    pub rate_limited_disconnect_after: u32,
     /// Longest message, in characters.
     pub max_message_chars: usize,
     /// Longest client offset, in characters.
@@ -36,7 +41,12 @@ pub struct Limits {
 
 impl From<&LimitSettings> for Limits {
     fn from(settings: &LimitSettings) -> Self {
+        // Validated to be at least 1.
+        let nonzero = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
         Self {
+            rate: governor::Quota::per_second(nonzero(settings.messages_per_second))
+                .allow_burst(nonzero(settings.message_burst)),
+            rate_limited_disconnect_after: settings.rate_limited_disconnect_after,
             max_message_chars: settings.max_message_chars,
             max_client_offset_chars: settings.max_client_offset_chars,
             max_in_flight: settings.max_in_flight,
@@ -76,6 +86,9 @@ pub enum InputError {
     /// This socket has too many sends waiting for their ack.
     #[error("too many messages in flight; wait for acks before sending more")]
     TooManyInFlight,
+    /// This socket sends faster than its rate limit.
+    #[error("sending too fast; slow down")]
+    TooFast,
 }
 
 impl InputError {
@@ -88,7 +101,7 @@ impl InputError {
             Self::ContentNul | Self::Refused => "invalid_content",
             Self::ClientOffsetNotString => "invalid_client_offset",
             Self::ClientOffsetLength(_) | Self::ClientOffsetNul => "invalid_client_offset",
-            Self::TooManyInFlight => "rate_limited",
+            Self::TooManyInFlight | Self::TooFast => "rate_limited",
         }
     }
 }
@@ -176,19 +189,27 @@ pub fn parse_send(args: &[Value], limits: &Limits) -> Result<NewMessage, InputEr
 /// returns, so a client's pipelined sends are stored in the order it sent them
 /// (`docs/DESIGN.md`, "Write path").
 pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let sender = Arc::new(Sender::new(&chat.limits));
     socket.on(
         CHAT_MESSAGE,
         move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
             let arrived = Instant::now();
-            let queued = queue_send(args.ok().map(|a| a.0), &chat, &in_flight);
-            let (chat, in_flight) = (chat.clone(), in_flight.clone());
+            let queued = sender.queue(args.ok().map(|a| a.0), &chat);
+            let (chat, sender) = (chat.clone(), sender.clone());
             async move {
                 match queued {
-                    Err(error) => reject(ack, &error, &chat.metrics),
+                    Err(error) => {
+                        reject(ack, &error, &chat.metrics);
+                        if sender.abusive(&error, &chat.limits) {
+                            tracing::info!(socket = %socket.id, "disconnecting a socket that keeps sending too fast");
+                            if let Err(error) = socket.clone().disconnect() {
+                                tracing::debug!(socket = %socket.id, error = ?error, "socket already closing");
+                            }
+                        }
+                    }
                     Ok(stored) => {
                         let result = stored.await;
-                        in_flight.fetch_sub(1, Relaxed);
+                        sender.in_flight.fetch_sub(1, Relaxed);
                         match result {
                             Err(WriteError::Refused(reason)) => {
                                 tracing::info!(socket = %socket.id, reason = %reason, "send refused by the store");
@@ -204,21 +225,53 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>) {
     );
 }
 
-/// Validates a send and queues it for the writer; the future resolves once it is stored.
-fn queue_send(
-    args: Option<Vec<Value>>,
-    chat: &Chat,
-    in_flight: &AtomicUsize,
-) -> Result<impl Future<Output = Result<Appended, WriteError>> + use<>, InputError> {
-    let message = match args {
-        Some(args) => parse_send(&args, &chat.limits)?,
-        None => return Err(InputError::ContentNotString),
-    };
-    if in_flight.fetch_add(1, Relaxed) >= chat.limits.max_in_flight {
-        in_flight.fetch_sub(1, Relaxed);
-        return Err(InputError::TooManyInFlight);
+/// What one socket's sends are held to: a rate and a number in flight.
+struct Sender {
+    /// A token bucket per socket (`limits.messages_per_second`, `limits.message_burst`).
+    rate: governor::DefaultDirectRateLimiter,
+    /// Sends queued for the writer and not answered yet.
+    in_flight: AtomicUsize,
+    /// Sends refused as too fast since the last one that was not.
+    too_fast_in_a_row: AtomicU32,
+}
+
+impl Sender {
+    fn new(limits: &Limits) -> Self {
+        Self {
+            rate: governor::RateLimiter::direct(limits.rate),
+            in_flight: AtomicUsize::new(0),
+            too_fast_in_a_row: AtomicU32::new(0),
+        }
     }
-    Ok(chat.writer.submit(message))
+
+    /// Checks a send against the rate, validates it and queues it for the writer; the future
+    /// resolves once it is stored. Every send takes from the bucket, valid or not.
+    fn queue(
+        &self,
+        args: Option<Vec<Value>>,
+        chat: &Chat,
+    ) -> Result<impl Future<Output = Result<Appended, WriteError>> + use<>, InputError> {
+        if self.rate.check().is_err() {
+            self.too_fast_in_a_row.fetch_add(1, Relaxed);
+            return Err(InputError::TooFast);
+        }
+        self.too_fast_in_a_row.store(0, Relaxed);
+        let message = match args {
+            Some(args) => parse_send(&args, &chat.limits)?,
+            None => return Err(InputError::ContentNotString),
+        };
+        if self.in_flight.fetch_add(1, Relaxed) >= chat.limits.max_in_flight {
+            self.in_flight.fetch_sub(1, Relaxed);
+            return Err(InputError::TooManyInFlight);
+        }
+        Ok(chat.writer.submit(message))
+    }
+
+    /// Whether the socket has been refused as too fast often enough in a row to be cut off.
+    fn abusive(&self, error: &InputError, limits: &Limits) -> bool {
+        *error == InputError::TooFast
+            && self.too_fast_in_a_row.load(Relaxed) >= limits.rate_limited_disconnect_after
+    }
 }
 
 /// Acks a stored send; a transient failure gets no ack.
@@ -262,6 +315,8 @@ mod tests {
     use serde_json::json;
 
     const LIMITS: Limits = Limits {
+        rate: governor::Quota::per_second(std::num::NonZeroU32::MIN),
+        rate_limited_disconnect_after: 1,
         max_message_chars: 5,
         max_client_offset_chars: 4,
         max_in_flight: 8,

@@ -182,3 +182,61 @@ async fn silent_trickling_idle_and_oversized_connections_are_closed() {
         .assert_ok();
     node.stop().await;
 }
+
+/// A socket that sends faster than its rate gets `rate_limited` beyond its burst, and is
+/// disconnected when it keeps on; another socket on the same node is served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_socket_is_rate_limited_then_cut_off_and_others_are_served() {
+    let db = TestDb::new().await;
+    let settings = TestSettings::new(&db)
+        .set("CHORUS__LIMITS__MESSAGES_PER_SECOND", "2")
+        .set("CHORUS__LIMITS__MESSAGE_BURST", "10")
+        .set("CHORUS__LIMITS__RATE_LIMITED_DISCONNECT_AFTER", "30");
+    let node = Node::start(settings.build()).await;
+    let mut flooder = Client::connect(&node.url, None).await.expect("connect");
+    let bystander = Client::connect(&node.url, None).await.expect("connect");
+
+    // Twenty at once: the burst is taken, the rest is refused.
+    let offsets: Vec<String> = (0..20).map(|i| format!("f-{i}")).collect();
+    let acks = futures_util::future::join_all(
+        offsets
+            .iter()
+            .map(|o| flooder.send("flood", Some(o.as_str()))),
+    )
+    .await;
+    let accepted = acks.iter().filter(|a| a.is_ok()).count();
+    let limited = acks
+        .iter()
+        .filter(|a| a.error_code() == Some("rate_limited"))
+        .count();
+    assert_eq!(accepted + limited, 20, "{acks:?}");
+    assert!(
+        (10..=11).contains(&accepted),
+        "the burst of 10 (and at most one refill): {acks:?}"
+    );
+    bystander.send("unhurt", Some("b-1")).await.assert_ok();
+
+    // Keeping on: thirty refusals in a row cut the flooder off. A token refilled meanwhile
+    // lets one through (and starts the count again).
+    let mut refilled = 0;
+    for i in 0..80 {
+        if flooder.is_closed() {
+            break;
+        }
+        match flooder.try_send("flood", Some(&format!("g-{i}")), T).await {
+            Ok(ack) if ack.is_ok() => refilled += 1,
+            Ok(ack) => assert_eq!(ack.error_code(), Some("rate_limited"), "{ack:?}"),
+            Err(_) => break, // closed while waiting for the ack
+        }
+    }
+    flooder
+        .wait_closed(T)
+        .await
+        .expect("a socket that keeps flooding is disconnected");
+    bystander
+        .send("still unhurt", Some("b-2"))
+        .await
+        .assert_ok();
+    assert_eq!(db.count().await, (accepted + refilled) as i64 + 2);
+    node.stop().await;
+}

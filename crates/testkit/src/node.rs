@@ -33,6 +33,9 @@ impl TestSettings {
             .set("DATABASE_URL", database.as_ref())
             .set("CHORUS__STORE__TIMEOUT_MS", "2000")
             .set("CHORUS__SHUTDOWN__DRAIN_TIMEOUT_MS", "3000")
+            // Tests send as fast as they can; the rate limit's own tests set it low.
+            .set("CHORUS__LIMITS__MESSAGES_PER_SECOND", "1000000")
+            .set("CHORUS__LIMITS__MESSAGE_BURST", "1000000")
     }
 
     /// Cluster mode on the Redis at `url`, under the key prefix `prefix`.
