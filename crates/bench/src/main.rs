@@ -68,6 +68,9 @@ enum Scenario {
         #[arg(long, default_value_t = REPLAY_MESSAGES)]
         messages: u64,
     },
+    /// Well-behaved clients' ack latency on one chorus node with the default rate limits, alone
+    /// and beside one client that floods (and reconnects whenever it is cut off)
+    Flood,
     /// A trivial in-memory Socket.IO broadcaster on $PORT (the generator's ceiling); internal
     TrivialServer,
 }
@@ -386,6 +389,46 @@ async fn store_rate(system: System, o: &Options) -> anyhow::Result<f64> {
     );
     cluster.stop().await?;
     Ok(rate)
+}
+
+/// The p99 ack latency of well-behaved senders, without and with one flooding client beside
+/// them on the same node, with the rate limits a deployment gets by default.
+async fn flood(o: &Options) -> anyhow::Result<()> {
+    let seconds = if o.quick { 1.0 } else { 10.0 };
+    let params = Fanout {
+        connections: 100,
+        senders: 10,
+        rate: 5.0,
+        seconds,
+    };
+    let defaults = [
+        ("CHORUS__LIMITS__MESSAGES_PER_SECOND", "10"),
+        ("CHORUS__LIMITS__MESSAGE_BURST", "50"),
+    ];
+    let cluster = Cluster::start(System::Chorus, 1, o, &defaults).await?;
+    let urls = cluster.urls();
+    let alone = scenarios::fanout(&urls, params).await?;
+    let (beside, flooder) = tokio::join!(
+        scenarios::fanout(&urls, params),
+        scenarios::flood(&urls[0], seconds)
+    );
+    let (beside, flooder) = (beside?, flooder?);
+    cluster.stop().await?;
+    for (label, r) in [("alone", &alone), ("with a flooder", &beside)] {
+        println!(
+            "chorus    flood: 10 senders x 5/s, {label:<14}: ack p50 {:6.1} p99 {:6.1} ms, delivery p99 {:6.1} ms, lost {}",
+            r.ack_ms.p50, r.ack_ms.p99, r.latency_ms.p99, r.lost
+        );
+    }
+    println!(
+        "chorus    flood: the flooder sent {}, {} stored, {} refused as rate limited, cut off {} times",
+        flooder.sent, flooder.stored, flooder.rate_limited, flooder.reconnects
+    );
+    println!(
+        "{}",
+        json!({ "scenario": "flood", "alone": alone, "with_flooder": beside, "flooder": flooder })
+    );
+    Ok(())
 }
 
 /// Recovery rates: (from the stream, from the database); the baseline has only the database.
@@ -856,6 +899,7 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Scenario::Flood => flood(&o).await,
         Scenario::TrivialServer => trivial_server().await,
     }
 }

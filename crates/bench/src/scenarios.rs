@@ -508,3 +508,60 @@ pub async fn seed(url: &str, n: u64) -> anyhow::Result<(i64, i64)> {
     conn.close().await;
     watch.await.context("watcher task")?
 }
+
+/// What one flooding client did.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FloodStats {
+    /// Sends it made.
+    pub sent: u64,
+    /// Sends acked as stored.
+    pub stored: u64,
+    /// Sends refused as rate limited.
+    pub rate_limited: u64,
+    /// Times it was disconnected and connected again.
+    pub reconnects: u64,
+}
+
+/// One abusive client on `url` for `seconds`: sends as fast as its socket takes them, reads and
+/// counts the acks in between, and connects again whenever it is cut off.
+pub async fn flood(url: &str, seconds: f64) -> anyhow::Result<FloodStats> {
+    /// Sends written before the acks queued so far are read.
+    const SENDS_PER_ROUND: usize = 32;
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut stats = FloodStats {
+        sent: 0,
+        stored: 0,
+        rate_limited: 0,
+        reconnects: 0,
+    };
+    'connections: while Instant::now() < deadline {
+        let mut conn = Conn::connect(url, None).await?;
+        while Instant::now() < deadline {
+            for _ in 0..SENDS_PER_ROUND {
+                let offset = format!("flood-{}", stats.sent);
+                if conn.emit("flood", &offset).await.is_err() {
+                    stats.reconnects += 1;
+                    continue 'connections;
+                }
+                stats.sent += 1;
+            }
+            // What has arrived so far, without waiting for more.
+            while let Ok(frame) = tokio::time::timeout(Duration::ZERO, conn.next()).await {
+                match frame {
+                    Ok(Some(frame)) => match parse(&frame) {
+                        Frame::Ack { error: false, .. } => stats.stored += 1,
+                        Frame::Ack { error: true, .. } => stats.rate_limited += 1,
+                        _ => {}
+                    },
+                    Ok(None) | Err(_) => {
+                        stats.reconnects += 1;
+                        continue 'connections;
+                    }
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        conn.close().await;
+    }
+    Ok(stats)
+}
