@@ -123,11 +123,14 @@ pub struct RedisSettings {
 }
 
 /// Retention of the recovery log (the Redis stream, or the in-process log of a single node):
-/// trimmed to `max_len` messages and to `max_age`, whichever keeps fewer.
+/// trimmed to `max_len` messages, `max_bytes` of content and `max_age`, whichever keeps fewer.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RecoverySettings {
     /// Most messages kept.
     pub max_len: usize,
+    /// Most bytes of message content kept (with a small per-entry overhead counted too), so
+    /// that large messages cannot fill memory or Redis before `max_len` is reached.
+    pub max_bytes: usize,
     /// Oldest message kept.
     #[serde(rename = "max_age_secs", deserialize_with = "secs")]
     pub max_age: Duration,
@@ -269,6 +272,7 @@ command_timeout_ms = 2000
 
 [recovery]
 max_len = 1000000
+max_bytes = 268435456
 max_age_secs = 900
 
 [log]
@@ -379,6 +383,7 @@ impl Settings {
         )?;
         at_least("feed.ring_capacity", n(self.feed.ring_capacity), 1)?;
         at_least("recovery.max_len", n(self.recovery.max_len), 1)?;
+        at_least("recovery.max_bytes", n(self.recovery.max_bytes), 65536)?;
         at_least("recovery.max_age_secs", self.recovery.max_age.as_secs(), 1)?;
         at_least(
             "transport.max_header_bytes",

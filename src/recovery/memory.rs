@@ -9,21 +9,36 @@ use std::{
 
 use futures_util::future::BoxFuture;
 
-use super::{ReadError, RecoveryLog, Retention};
+use super::{ReadError, RecoveryLog, Retention, entry_bytes};
 use crate::store::Message;
 
 /// The log of a single node, in memory.
 pub struct MemoryLog {
-    /// Released messages with the time they were appended, contiguous by offset.
-    entries: Mutex<VecDeque<(Instant, Arc<Message>)>>,
+    entries: Mutex<Entries>,
     retention: Retention,
+}
+
+/// Released messages with the time they were appended, contiguous by offset, and what they
+/// count against `Retention::max_bytes`.
+#[derive(Default)]
+struct Entries {
+    queue: VecDeque<(Instant, Arc<Message>)>,
+    bytes: usize,
+}
+
+impl Entries {
+    fn pop_front(&mut self) {
+        if let Some((_, message)) = self.queue.pop_front() {
+            self.bytes -= entry_bytes(&message);
+        }
+    }
 }
 
 impl MemoryLog {
     /// An empty log.
     pub fn new(retention: Retention) -> Self {
         Self {
-            entries: Mutex::new(VecDeque::new()),
+            entries: Mutex::new(Entries::default()),
             retention,
         }
     }
@@ -34,17 +49,22 @@ impl RecoveryLog for MemoryLog {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         for message in messages {
-            match entries.back() {
+            match entries.queue.back() {
                 Some((_, last)) if message.offset <= last.offset => continue,
                 // Not contiguous (cannot happen with the feed's order): start over rather than
                 // keep a hole that readers would have to step around.
-                Some((_, last)) if message.offset != last.offset + 1 => entries.clear(),
+                Some((_, last)) if message.offset != last.offset + 1 => {
+                    *entries = Entries::default()
+                }
                 _ => {}
             }
-            entries.push_back((now, message.clone()));
+            entries.bytes += entry_bytes(message);
+            entries.queue.push_back((now, message.clone()));
         }
-        while entries.len() > self.retention.max_len
+        while entries.queue.len() > self.retention.max_len
+            || entries.bytes > self.retention.max_bytes
             || entries
+                .queue
                 .front()
                 .is_some_and(|(at, _)| now.duration_since(*at) > self.retention.max_age)
         {
@@ -58,6 +78,7 @@ impl RecoveryLog for MemoryLog {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, ReadError>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = &entries.queue;
         let page = match entries.front() {
             Some((_, first)) if after >= first.offset - 1 => {
                 let skip = usize::try_from(after + 1 - first.offset).unwrap_or(usize::MAX);
@@ -91,6 +112,7 @@ mod tests {
     async fn reads_only_the_run_that_starts_right_after_the_offset() {
         let log = MemoryLog::new(Retention {
             max_len: 3,
+            max_bytes: usize::MAX,
             max_age: Duration::from_secs(60),
         });
         log.append(&(1..=5).map(message).collect::<Vec<_>>());
@@ -103,5 +125,33 @@ mod tests {
         log.append(&[message(5), message(6)]);
         let page = log.read_after(4, 10).await.unwrap();
         assert_eq!(page.iter().map(|m| m.offset).collect::<Vec<_>>(), [5, 6]);
+    }
+
+    #[tokio::test]
+    async fn large_messages_are_trimmed_by_bytes_before_the_count_is_reached() {
+        let big = |offset| {
+            Arc::new(Message {
+                offset,
+                content: "x".repeat(1000),
+            })
+        };
+        let per_entry = entry_bytes(&big(1));
+        let log = MemoryLog::new(Retention {
+            max_len: 1_000,
+            max_bytes: 10 * per_entry,
+            max_age: Duration::from_secs(60),
+        });
+        log.append(&(1..=25).map(big).collect::<Vec<_>>());
+        // The newest ten fit: 16..=25.
+        assert!(log.read_after(14, 100).await.unwrap().is_empty());
+        let kept: Vec<i64> = log
+            .read_after(15, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.offset)
+            .collect();
+        assert_eq!(kept, (16..=25).collect::<Vec<_>>());
+        assert_eq!(log.entries.lock().unwrap().bytes, 10 * per_entry);
     }
 }

@@ -19,11 +19,14 @@ pub use stream::StreamLog;
 
 use crate::{config::RecoverySettings, store::Message};
 
-/// How much the log keeps: at most `max_len` messages, none older than `max_age`.
+/// How much the log keeps: at most `max_len` messages and `max_bytes` (see [`entry_bytes`]),
+/// none older than `max_age`.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
     /// Most messages kept.
     pub max_len: usize,
+    /// Most bytes kept.
+    pub max_bytes: usize,
     /// Oldest message kept.
     pub max_age: Duration,
 }
@@ -32,9 +35,19 @@ impl From<&RecoverySettings> for Retention {
     fn from(settings: &RecoverySettings) -> Self {
         Self {
             max_len: settings.max_len,
+            max_bytes: settings.max_bytes,
             max_age: settings.max_age,
         }
     }
+}
+
+/// What one entry counts against `Retention::max_bytes`: its content and a fixed overhead for
+/// its id and bookkeeping, so that a flood of tiny messages is counted too.
+pub fn entry_bytes(message: &Message) -> usize {
+    /// About what an entry costs beyond its content (a stream entry's id and field, or the
+    /// in-process queue's slot and `Arc`).
+    const ENTRY_OVERHEAD: usize = 64;
+    message.content.len() + ENTRY_OVERHEAD
 }
 
 /// Why the log could not be read (the caller reads the store instead).

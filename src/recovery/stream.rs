@@ -20,7 +20,7 @@ use fred::{
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::{ReadError, RecoveryLog, Retention};
+use super::{ReadError, RecoveryLog, Retention, entry_bytes};
 use crate::{
     metrics::{ErrorKind, Metrics},
     runtime::Runtime,
@@ -136,6 +136,7 @@ async fn appender(
     let mut trim = tokio::time::interval(trim_every);
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let max_len = i64::try_from(retention.max_len).unwrap_or(i64::MAX);
+    let mut budget = ByteBudget::new(retention);
     // Logged when appends start and stop failing, not for every batch while Redis is down.
     let mut failing = false;
     let mut script = AppendScript { sha: None };
@@ -157,6 +158,11 @@ async fn appender(
             }
         }
         let result = script.run(&client, &key, &batch, max_len).await;
+        // Every node releases every message, so each one's count of the stream's bytes is the
+        // same whether its own append or another node's put them there.
+        if let Some(first) = budget.record(&batch) {
+            trim_below(&client, &key, first).await;
+        }
         if result.is_err() {
             metrics.error(ErrorKind::RecoveryLog);
         }
@@ -224,6 +230,60 @@ impl AppendScript {
     }
 }
 
+/// The bytes of the newest released messages, in runs of consecutive offsets, so the appender
+/// knows below which offset the stream holds more than `Retention::max_bytes`.
+struct ByteBudget {
+    /// `(last offset, messages, bytes)` of each run, oldest first.
+    runs: VecDeque<(i64, usize, usize)>,
+    /// Messages and bytes in `runs`.
+    messages: usize,
+    bytes: usize,
+    retention: Retention,
+}
+
+/// Messages in one run of a [`ByteBudget`]: the granularity of a trim by bytes (the stream
+/// keeps up to one run less than `max_bytes` allows), and what bounds the runs kept to
+/// `max_len / RUN` entries.
+const RUN: usize = 64;
+
+impl ByteBudget {
+    fn new(retention: Retention) -> Self {
+        Self {
+            runs: VecDeque::new(),
+            messages: 0,
+            bytes: 0,
+            retention,
+        }
+    }
+
+    /// Counts a released batch; the offset below which the stream must be trimmed to fit
+    /// `max_bytes`, if it no longer does.
+    fn record(&mut self, batch: &[Arc<Message>]) -> Option<i64> {
+        for message in batch {
+            let bytes = entry_bytes(message);
+            match self.runs.back_mut() {
+                Some(run) if run.1 < RUN => *run = (message.offset, run.1 + 1, run.2 + bytes),
+                _ => self.runs.push_back((message.offset, 1, bytes)),
+            }
+            self.messages += 1;
+            self.bytes += bytes;
+        }
+        let mut first = None;
+        while self.bytes > self.retention.max_bytes || self.messages > self.retention.max_len {
+            let Some((run_last, messages, bytes)) = self.runs.pop_front() else {
+                break;
+            };
+            self.messages -= messages;
+            self.bytes -= bytes;
+            // Beyond the count the stream's own MAXLEN trims; only bytes need a trim here.
+            if self.bytes + bytes > self.retention.max_bytes {
+                first = Some(run_last + 1);
+            }
+        }
+        first
+    }
+}
+
 /// Trims entries released more than `max_age` ago (by this node's clock of releases).
 async fn trim_by_age(
     client: &Client,
@@ -239,8 +299,14 @@ async fn trim_by_age(
         expired = Some(offset);
         released_at.pop_front();
     }
-    let Some(offset) = expired else { return };
-    let min_id = format!("{}-0", offset + 1);
+    if let Some(offset) = expired {
+        trim_below(client, key, offset + 1).await;
+    }
+}
+
+/// Trims the entries below `first` (approximately: whole stream nodes, so a few more are kept).
+async fn trim_below(client: &Client, key: &str, first: i64) {
+    let min_id = format!("{first}-0");
     match XCap::try_from((XCapKind::MinID, XCapTrim::AlmostExact, min_id)) {
         Ok(cap) => {
             if let Err(error) = client.xtrim::<Value, _, _>(key, cap).await {
@@ -248,5 +314,57 @@ async fn trim_by_age(
             }
         }
         Err(error) => tracing::warn!(error = %error, "could not build a stream trim"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_trims_below_the_oldest_run_that_still_fits() {
+        let message = |offset| {
+            Arc::new(Message {
+                offset,
+                content: "x".repeat(936),
+            })
+        };
+        // 1000 bytes an entry with the overhead; room for 200.
+        assert_eq!(entry_bytes(&message(1)), 1000);
+        let mut budget = ByteBudget::new(Retention {
+            max_len: 1_000_000,
+            max_bytes: 200_000,
+            max_age: Duration::from_secs(60),
+        });
+        let batch = |range: std::ops::RangeInclusive<i64>| range.map(message).collect::<Vec<_>>();
+        assert_eq!(budget.record(&batch(1..=150)), None);
+        // 250 messages in runs of 64: the oldest run that still fits starts at 65, so the
+        // stream keeps 65..=250, 186 messages.
+        assert_eq!(budget.record(&batch(151..=250)), Some(65));
+        assert_eq!((budget.messages, budget.bytes), (186, 186_000));
+        // A batch larger than the whole budget keeps the newest runs that fit, not nothing.
+        assert_eq!(budget.record(&batch(251..=1250)), Some(1089));
+        assert!(
+            (150_000..=200_000).contains(&budget.bytes),
+            "{}",
+            budget.bytes
+        );
+        // Small batches merge into runs of RUN messages.
+        for offset in 1251..=1400 {
+            budget.record(&batch(offset..=offset));
+        }
+        assert!(budget.bytes <= 200_000, "{}", budget.bytes);
+        assert!(
+            budget.runs.len() <= 200 / RUN + 2,
+            "{:?}",
+            budget.runs.len()
+        );
+        // A run dropped for the count alone asks for no trim: MAXLEN does that.
+        let mut by_count = ByteBudget::new(Retention {
+            max_len: 10,
+            max_bytes: usize::MAX,
+            max_age: Duration::from_secs(60),
+        });
+        assert_eq!(by_count.record(&batch(1..=20)), None);
     }
 }

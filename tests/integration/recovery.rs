@@ -334,6 +334,7 @@ async fn two_logs_appending_the_same_offsets_leave_one_contiguous_stream() {
     let prefix = unique("ls");
     let retention = Retention {
         max_len: 1_000,
+        max_bytes: usize::MAX,
         max_age: Duration::from_secs(600),
     };
     let runtimes = [Runtime::new("a"), Runtime::new("b")];
@@ -402,4 +403,46 @@ async fn two_logs_appending_the_same_offsets_leave_one_contiguous_stream() {
         runtime.tasks.close();
         runtime.tasks.wait().await;
     }
+}
+
+/// Large messages fill the stream's byte budget long before its count: it is trimmed to about
+/// `recovery.max_bytes`, and what it keeps is still the contiguous newest run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_is_trimmed_by_bytes() {
+    require_redis(REDIS).await;
+    let prefix = unique("lb");
+    let runtime = Runtime::new("a");
+    let content = "x".repeat(2_000);
+    let retention = Retention {
+        max_len: 1_000_000,
+        max_bytes: 400 * 2_064,
+        max_age: Duration::from_secs(600),
+    };
+    let log = StreamLog::start(redis(REDIS).await, &prefix, "epoch", retention, &runtime);
+    for start in (1..=2_000).step_by(50) {
+        let batch: Vec<Arc<Message>> = (start..start + 50)
+            .map(|offset| {
+                Arc::new(Message {
+                    offset,
+                    content: content.clone(),
+                })
+            })
+            .collect();
+        log.append(&batch);
+    }
+    let key = format!("{prefix}:log:epoch");
+    let admin = redis(REDIS).await;
+    stream_reaches(&admin, &key, 2_000).await;
+    let length: u64 = admin.xlen(&key).await.expect("XLEN");
+    // The budget holds 400 entries and trims in runs of 64, so it keeps 337 to 400; Redis
+    // trims whole stream nodes (100 entries), so it may keep a node more.
+    assert!((337..=600).contains(&length), "{length} entries kept");
+    let first = 2_000 - i64::try_from(length).expect("length") + 1;
+    let page = log.read_after(first - 1, 10_000).await.expect("read");
+    assert_eq!(page.len() as u64, length, "the newest run, contiguous");
+    assert_eq!(page.last().map(|m| m.offset), Some(2_000));
+    assert_eq!(runtime.metrics.errors(ErrorKind::RecoveryLog), 0);
+    runtime.cancel.cancel();
+    runtime.tasks.close();
+    runtime.tasks.wait().await;
 }
