@@ -83,6 +83,8 @@ pub struct TransportSettings {
     pub header_read_timeout: Duration,
     /// Largest HTTP request head (request line and headers); a larger one gets `431`.
     pub max_header_bytes: usize,
+    /// Most TCP connections the node holds at once (HTTP and websockets); more get `503`.
+    pub max_connections: usize,
 }
 
 /// Storage tuning.
@@ -254,6 +256,7 @@ ws_read_buffer_bytes = 1024
 slow_consumer_timeout_ms = 30000
 header_read_timeout_ms = 30000
 max_header_bytes = 16384
+max_connections = 100000
 
 [store]
 max_connections = 8

@@ -1,12 +1,21 @@
 //! Accepts TCP connections and serves HTTP/1.1 on them with a bounded request head and a deadline
 //! for each head, so that silent, trickling or idle connections cannot pile up.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{Router, body::Body, http::Request};
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
@@ -26,6 +35,8 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// Largest request line plus headers; a larger head gets `431` and the connection closes.
     pub max_header_bytes: usize,
+    /// Most TCP connections open at once (HTTP and websockets); more get `503` and are closed.
+    pub max_connections: usize,
 }
 
 impl From<&TransportSettings> for HttpLimits {
@@ -33,6 +44,7 @@ impl From<&TransportSettings> for HttpLimits {
         Self {
             header_read_timeout: settings.header_read_timeout,
             max_header_bytes: settings.max_header_bytes,
+            max_connections: settings.max_connections,
         }
     }
 }
@@ -52,6 +64,7 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes);
     let connections = TaskTracker::new();
+    let open = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let tcp = tokio::select! {
             () = stop.cancelled() => break,
@@ -63,6 +76,10 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            refuse(tcp);
+            continue;
+        };
         // Without TCP_NODELAY each small frame (an ack, one message) can wait for the peer's
         // delayed ACK; measured here as about 5x fewer acked sends per second.
         if let Err(error) = tcp.set_nodelay(true) {
@@ -73,7 +90,13 @@ pub async fn serve(
             router.clone().oneshot(request.map(Body::new))
         });
         let connection = builder
-            .serve_connection(TokioIo::new(tcp), service)
+            .serve_connection(
+                TokioIo::new(Counted {
+                    tcp,
+                    _permit: permit,
+                }),
+                service,
+            )
             .with_upgrades();
         let stop = stop.clone();
         connections.spawn(async move {
@@ -88,6 +111,66 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// What a connection beyond `max_connections` is told before it is closed.
+const FULL: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 5\r\ncontent-length: 0\r\n\r\n";
+
+/// Tells a connection the node is full and closes it. The answer fits any socket buffer, so
+/// one non-blocking write sends it; a peer that cannot take even that is closed unanswered.
+fn refuse(tcp: TcpStream) {
+    tracing::debug!("connection refused: the node holds its most connections");
+    if let Err(error) = tcp.try_write(FULL) {
+        tracing::debug!(error = %error, "could not answer a refused connection");
+    }
+}
+
+/// A TCP stream that holds its place among the open connections until it is dropped: when
+/// hyper closes it, or, after a websocket upgrade, when the websocket ends.
+struct Counted {
+    tcp: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
 }
 
 /// A connection's end: timeouts and malformed or oversized heads are the clients' doing.

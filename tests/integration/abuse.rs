@@ -240,3 +240,54 @@ async fn a_flooding_socket_is_rate_limited_then_cut_off_and_others_are_served() 
     assert_eq!(db.count().await, (accepted + refilled) as i64 + 2);
     node.stop().await;
 }
+
+/// A node holds at most `transport.max_connections` TCP connections, websockets included; one
+/// more gets a clear `503` at once, not a hang, and a place that frees up is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_node_limit_get_a_clear_refusal() {
+    let db = TestDb::new().await;
+    let settings = TestSettings::new(&db).set("CHORUS__TRANSPORT__MAX_CONNECTIONS", "3");
+    let node = Node::start(settings.build()).await;
+    let addr = node.addr;
+    let first = Client::connect(&node.url, None).await.expect("connect");
+    let second = Client::connect(&node.url, None).await.expect("connect");
+    let mut third = TcpStream::connect(addr).expect("connect");
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut answer = [0u8; 12];
+    third
+        .read_exact(&mut answer)
+        .expect("an answer while the node has room");
+    assert_eq!(&answer, b"HTTP/1.1 200");
+
+    let refused = tokio::task::spawn_blocking(move || {
+        read_to_close(TcpStream::connect(addr).expect("connect"))
+    })
+    .await
+    .expect("reader");
+    let refused = String::from_utf8_lossy(&refused).into_owned();
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    // The sockets in place are served all along.
+    first.send("still served", Some("c-1")).await.assert_ok();
+
+    second.close().await;
+    wait_for(
+        T,
+        "a freed place to be taken by a new connection",
+        || async {
+            tokio::task::spawn_blocking(move || {
+                let mut stream = TcpStream::connect(addr).expect("connect");
+                stream
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .expect("write");
+                read_to_close(stream).starts_with(b"HTTP/1.1 200")
+            })
+            .await
+            .expect("probe")
+        },
+    )
+    .await;
+    drop(third);
+    node.stop().await;
+}

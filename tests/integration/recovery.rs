@@ -433,9 +433,14 @@ async fn the_stream_is_trimmed_by_bytes() {
     let key = format!("{prefix}:log:epoch");
     let admin = redis(REDIS).await;
     stream_reaches(&admin, &key, 2_000).await;
-    let length: u64 = admin.xlen(&key).await.expect("XLEN");
     // The budget holds 400 entries and trims in runs of 64, so it keeps 337 to 400; Redis
-    // trims whole stream nodes (100 entries), so it may keep a node more.
+    // trims whole stream nodes (100 entries), so it may keep a node more. The trim follows the
+    // append that reached 2 000.
+    wait_for(T, "the stream to be trimmed to its byte budget", || async {
+        admin.xlen::<u64, _>(&key).await.is_ok_and(|n| n <= 600)
+    })
+    .await;
+    let length: u64 = admin.xlen(&key).await.expect("XLEN");
     assert!((337..=600).contains(&length), "{length} entries kept");
     let first = 2_000 - i64::try_from(length).expect("length") + 1;
     let page = log.read_after(first - 1, 10_000).await.expect("read");
