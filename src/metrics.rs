@@ -273,11 +273,6 @@ impl Metrics {
         self.replays.get_or_create(&SourceLabel { source }).inc();
     }
 
-    /// How many replays started from `source`.
-    pub fn replays(&self, source: ReplaySource) -> u64 {
-        self.replays.get_or_create(&SourceLabel { source }).get()
-    }
-
     /// Counts one page read for a replay from `source` (for the database, one query).
     pub fn replay_read(&self, source: ReplaySource) {
         self.replay_reads

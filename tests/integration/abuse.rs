@@ -198,6 +198,7 @@ async fn a_flooding_socket_is_rate_limited_then_cut_off_and_others_are_served() 
 
     // Twenty at once: the burst is taken, the rest is refused.
     let offsets: Vec<String> = (0..20).map(|i| format!("f-{i}")).collect();
+    let started = Instant::now();
     let acks = futures_util::future::join_all(
         offsets
             .iter()
@@ -210,9 +211,11 @@ async fn a_flooding_socket_is_rate_limited_then_cut_off_and_others_are_served() 
         .filter(|a| a.error_code() == Some("rate_limited"))
         .count();
     assert_eq!(accepted + limited, 20, "{acks:?}");
+    // The burst of 10, plus what 2 per second refilled while the twenty were answered.
+    let refills = (started.elapsed().as_secs_f64() * 2.0).ceil() as usize;
     assert!(
-        (10..=11).contains(&accepted),
-        "the burst of 10 (and at most one refill): {acks:?}"
+        (10..=10 + refills).contains(&accepted),
+        "the burst of 10 and {refills} refills: {acks:?}"
     );
     bystander.send("unhurt", Some("b-1")).await.assert_ok();
 
