@@ -18,11 +18,13 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::{
+    access::{self, AccessError, Origins, Verifier},
     bus::Bus,
     chat::{self, Chat},
     config::Settings,
     feed::{Feed, FeedOptions},
     http::{self, HttpState},
+    peers::AddressCounts,
     recovery::{MemoryLog, RecoveryLog, StreamLog},
     redis::{RedisConnector, RedisError},
     runtime::Runtime,
@@ -52,6 +54,9 @@ pub enum StartError {
     /// The Socket.IO adapter could not subscribe to its Redis channels.
     #[error("cannot start the socket.io redis adapter: {0}")]
     Adapter(String),
+    /// The token key could not be loaded.
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 /// Closes every Socket.IO connection of the node (they reconnect elsewhere).
@@ -62,6 +67,9 @@ pub struct App {
     listener: TcpListener,
     addr: SocketAddr,
     router: Router,
+    /// The operations port, when `/metrics` has one of its own.
+    ops: Option<(TcpListener, Router)>,
+    per_address: Arc<AddressCounts>,
     node_id: Arc<str>,
     http: Arc<HttpState>,
     close_sockets: CloseSockets,
@@ -87,7 +95,7 @@ enum Mode {
 /// Builds a node: binds the port, opens the store, connects Redis when configured, and wires
 /// the parts the way `docs/DESIGN.md` draws them.
 pub async fn build(settings: Settings) -> Result<App, StartError> {
-    let (listener, addr) = bind(&settings).await?;
+    let (listener, addr) = bind(&settings.host, settings.port).await?;
     let node_id = node_id(&settings, addr);
     crate::logging::set_node(&node_id);
     let runtime = Runtime::new(&node_id);
@@ -111,6 +119,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         settings.store.batch_max,
         &runtime,
     );
+    let per_address = AddressCounts::new(settings.transport.max_connections_per_address);
     let chat = Arc::new(Chat {
         feed,
         writer,
@@ -118,6 +127,9 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         history: settings.chat.history,
         limits: (&settings.limits).into(),
         metrics: runtime.metrics.clone(),
+        verifier: Verifier::new(&settings.access)?,
+        per_address: per_address.clone(),
+        trusted_proxies: settings.transport.trusted_proxies(),
     });
     let http = Arc::new(HttpState {
         store: store.clone(),
@@ -126,15 +138,20 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         draining: AtomicBool::new(false),
         check_timeout: readiness_timeout(&settings),
     });
-    let (router, close_sockets) = mode
-        .socket_io(&settings, http::routes(http.clone()), chat, &runtime)
-        .await?;
+    let ops = match settings.access.metrics_listen() {
+        Some(addr) => Some((bind_addr(addr).await?.0, http::ops_routes(http.clone()))),
+        None => None,
+    };
+    let routes = http::routes(http.clone(), ops.is_none());
+    let (router, close_sockets) = mode.socket_io(&settings, routes, chat, &runtime).await?;
 
     tracing::info!(node = %node_id, %addr, clustered = settings.clustered(), head, "node ready");
     Ok(App {
         listener,
         addr,
         router,
+        ops,
+        per_address,
         node_id,
         http,
         close_sockets,
@@ -146,8 +163,12 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
     })
 }
 
-async fn bind(settings: &Settings) -> Result<(TcpListener, SocketAddr), StartError> {
-    let addr = format!("{}:{}", settings.host, settings.port);
+async fn bind(host: &str, port: u16) -> Result<(TcpListener, SocketAddr), StartError> {
+    bind_addr(&format!("{host}:{port}")).await
+}
+
+async fn bind_addr(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let addr = addr.to_owned();
     let bound = TcpListener::bind(&addr).await.and_then(|listener| {
         let local = listener.local_addr()?;
         Ok((listener, local))
@@ -170,6 +191,9 @@ const READINESS_CHECK_MAX: Duration = Duration::from_secs(2);
 fn readiness_timeout(settings: &Settings) -> Duration {
     settings.store.timeout.min(READINESS_CHECK_MAX)
 }
+
+/// Connections the operations port (metrics, health) holds at once.
+const OPS_MAX_CONNECTIONS: usize = 64;
 
 /// Messages the Socket.IO adapter's subscriber holds before its driver takes them: requests
 /// between nodes are rare and taken at once.
@@ -244,11 +268,12 @@ impl Mode {
         runtime: &Runtime,
     ) -> Result<(Router, CloseSockets), StartError> {
         let builder = socket_io_builder(settings);
+        let origins = Arc::new(Origins::new(&settings.access));
         match self {
             Mode::Single => {
                 let (svc, io) = builder.build_svc();
                 chat::register(&io, chat);
-                Ok(mount(routes, svc, io))
+                Ok(mount(routes, origins, svc, io))
             }
             Mode::Cluster { connector, .. } => {
                 // The adapter's driver connects its subscriber itself (`init`), so it gets one
@@ -265,7 +290,7 @@ impl Mode {
                 let (svc, io) = builder.with_adapter::<FredAdapter<_>>(adapter).build_svc();
                 let limit = settings.redis.command_timeout * 2;
                 match tokio::time::timeout(limit, chat::register(&io, chat)).await {
-                    Ok(Ok(())) => Ok(mount(routes, svc, io)),
+                    Ok(Ok(())) => Ok(mount(routes, origins, svc, io)),
                     Ok(Err(e)) => Err(StartError::Adapter(e.to_string())),
                     Err(_) => Err(StartError::Adapter("timed out".into())),
                 }
@@ -285,18 +310,31 @@ fn socket_io_builder(settings: &Settings) -> SocketIoBuilder {
         // socketioxide's payload limit covers polling only; websocket frames get their own
         .ws_max_message_size(max_ws)
         .ws_max_frame_size(max_ws)
+        .connect_timeout(settings.transport.handshake_timeout)
 }
 
-/// Serves Socket.IO wherever `routes` has no route, each request's head copied first
-/// ([`http::own_head`]); returns the router and what closes the sockets on shutdown.
-fn mount<A, S>(routes: Router, svc: S, io: SocketIo<A>) -> (Router, CloseSockets)
+/// Serves Socket.IO wherever `routes` has no route, each request's origin checked
+/// ([`access::check_origin`]) and its head trimmed to what is needed ([`http::own_head`]);
+/// returns the router and what closes the sockets on shutdown.
+fn mount<A, S>(
+    routes: Router,
+    origins: Arc<Origins>,
+    svc: S,
+    io: SocketIo<A>,
+) -> (Router, CloseSockets)
 where
     A: Adapter + DefinedAdapter,
     S: tower::Service<Request<Body>, Error = Infallible> + Clone + Send + Sync + 'static,
     S::Response: IntoResponse + 'static,
     S::Future: Send + 'static,
 {
-    let router = routes.fallback_service(svc.map_request(http::own_head::<Body>));
+    let socket_io = Router::new()
+        .fallback_service(svc.map_request(http::own_head::<Body>))
+        .layer(axum::middleware::from_fn_with_state(
+            origins,
+            access::check_origin,
+        ));
+    let router = routes.fallback_service(socket_io);
     let close: CloseSockets = Box::new(move || Box::pin(async move { io.close().await }));
     (router, close)
 }
@@ -327,10 +365,28 @@ impl App {
     /// half), background tasks stop and the pools close.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let stop_accepting = tokio_util::sync::CancellationToken::new();
+        let open = self.runtime.metrics.tcp_connections.clone();
+        if let Some((listener, router)) = self.ops {
+            // Scrapers only: its own bounds, and it stops with the node's background tasks.
+            let ops_limits = HttpLimits {
+                max_connections: OPS_MAX_CONNECTIONS,
+                ..self.http_limits.clone()
+            };
+            self.runtime.tasks.spawn(crate::server::serve(
+                listener,
+                router,
+                ops_limits,
+                AddressCounts::new(OPS_MAX_CONNECTIONS),
+                prometheus_client::metrics::gauge::Gauge::default(),
+                self.runtime.cancel.clone(),
+            ));
+        }
         let server = tokio::spawn(crate::server::serve(
             self.listener,
             self.router,
             self.http_limits,
+            self.per_address,
+            open,
             stop_accepting.clone(),
         ));
 
@@ -341,7 +397,14 @@ impl App {
             tokio::time::sleep(self.unready_delay).await;
         }
         stop_accepting.cancel();
-        (self.close_sockets)().await;
+        // Closing waits on each socket's disconnect handler; a stuck one must not hold the
+        // shutdown past its drain timeout.
+        if tokio::time::timeout(self.drain_timeout, (self.close_sockets)())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sockets did not close within the drain timeout");
+        }
         let Runtime { tasks, cancel, .. } = &self.runtime;
         cancel.cancel();
         tasks.close();

@@ -24,6 +24,8 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Per-connection buffers and timeouts of the Socket.IO transport.
     pub transport: TransportSettings,
+    /// Who may open a socket and as whom; where `/metrics` is served.
+    pub access: AccessSettings,
     /// Storage tuning.
     pub store: StoreSettings,
     /// Ordered delivery tuning.
@@ -85,6 +87,80 @@ pub struct TransportSettings {
     pub max_header_bytes: usize,
     /// Most TCP connections the node holds at once (HTTP and websockets); more get `503`.
     pub max_connections: usize,
+    /// Most connections of one client address: TCP connections from a direct peer, Socket.IO
+    /// sessions of a client behind a trusted proxy. More get `503` or a `connect_error`.
+    pub max_connections_per_address: usize,
+    /// Load balancers whose `X-Forwarded-For` names the client: IP addresses or CIDR networks,
+    /// as a list or comma-separated. Empty: every peer is the client.
+    #[serde(deserialize_with = "list")]
+    pub trusted_proxies: Vec<String>,
+    /// A connection whose writes make no progress for this long (its peer stopped reading) is
+    /// closed, and what was queued for it is freed.
+    #[serde(rename = "write_stall_timeout_ms", deserialize_with = "millis")]
+    pub write_stall_timeout: Duration,
+    /// An Engine.IO session must join the chat (send its Socket.IO `CONNECT`) within this long.
+    #[serde(rename = "handshake_timeout_ms", deserialize_with = "millis")]
+    pub handshake_timeout: Duration,
+}
+
+impl TransportSettings {
+    /// The trusted proxies, parsed ([`Settings::validate`] has checked each).
+    pub fn trusted_proxies(&self) -> crate::peers::TrustedProxies {
+        crate::peers::TrustedProxies::new(
+            self.trusted_proxies
+                .iter()
+                .filter_map(|entry| parse_net(entry).ok())
+                .collect(),
+        )
+    }
+}
+
+/// An address (`10.0.0.1`) or a network (`10.0.0.0/8`).
+fn parse_net(entry: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(addr) = entry.parse::<std::net::IpAddr>() {
+        return Ok(addr.into());
+    }
+    entry
+        .parse::<ipnet::IpNet>()
+        .map_err(|_| format!("{entry:?} is neither an IP address nor a CIDR network"))
+}
+
+/// Who may open a socket and as whom.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AccessSettings {
+    /// Origins (`https://chat.example.com`) whose pages may open a socket, as a list or
+    /// comma-separated; `*` allows any. The page's own origin (the request's `Host`) is always
+    /// allowed, and clients that send no `Origin` (not browsers) are not affected.
+    #[serde(deserialize_with = "list")]
+    pub allowed_origins: Vec<String>,
+    /// Set: a handshake must carry `auth.token`, a JWT signed with HS256 by this secret.
+    pub jwt_secret: Option<String>,
+    /// Set: a handshake must carry `auth.token`, a JWT verified with this PEM public key, by
+    /// `jwt_algorithm`.
+    pub jwt_public_key_file: Option<String>,
+    /// `RS256` or `ES256`, for `jwt_public_key_file`.
+    pub jwt_algorithm: String,
+    /// Set: `/metrics` is served on this address (`127.0.0.1:9100`) and not on the public port.
+    pub metrics_listen: Option<String>,
+}
+
+/// A list from a TOML array, or from one comma-separated string (an environment variable).
+fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Raw::deserialize(d)? {
+        Raw::One(joined) => joined.split(',').map(str::to_owned).collect(),
+        Raw::Many(items) => items,
+    };
+    Ok(items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .collect())
 }
 
 /// Storage tuning.
@@ -257,6 +333,14 @@ slow_consumer_timeout_ms = 30000
 header_read_timeout_ms = 30000
 max_header_bytes = 16384
 max_connections = 100000
+max_connections_per_address = 256
+trusted_proxies = ""
+write_stall_timeout_ms = 30000
+handshake_timeout_ms = 10000
+
+[access]
+allowed_origins = ""
+jwt_algorithm = "RS256"
 
 [store]
 max_connections = 8
@@ -398,6 +482,33 @@ impl Settings {
             u64::try_from(self.transport.header_read_timeout.as_millis()).unwrap_or(u64::MAX),
             100,
         )?;
+        at_least(
+            "transport.max_connections_per_address",
+            n(self.transport.max_connections_per_address),
+            1,
+        )?;
+        for (key, value) in [
+            (
+                "transport.write_stall_timeout_ms",
+                self.transport.write_stall_timeout,
+            ),
+            (
+                "transport.handshake_timeout_ms",
+                self.transport.handshake_timeout,
+            ),
+        ] {
+            at_least(
+                key,
+                u64::try_from(value.as_millis()).unwrap_or(u64::MAX),
+                100,
+            )?;
+        }
+        for entry in &self.transport.trusted_proxies {
+            if let Err(reason) = parse_net(entry) {
+                return invalid("transport.trusted_proxies", reason);
+            }
+        }
+        self.access.validate()?;
         if self.feed.poll_interval.is_zero() {
             return invalid("feed.poll_interval_ms", "must be at least 1".into());
         }
@@ -423,6 +534,53 @@ impl Settings {
     /// Whether this node runs in cluster mode.
     pub fn clustered(&self) -> bool {
         self.redis_url.is_some()
+    }
+}
+
+impl AccessSettings {
+    /// A secret, or a key file, or neither; the algorithm one a key can have.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            })
+        };
+        if self.jwt_secret().is_some() && self.jwt_public_key_file().is_some() {
+            return invalid(
+                "access.jwt_secret",
+                "set either jwt_secret or jwt_public_key_file, not both",
+            );
+        }
+        if !matches!(self.jwt_algorithm.as_str(), "RS256" | "ES256") {
+            return invalid("access.jwt_algorithm", "must be RS256 or ES256");
+        }
+        for origin in &self.allowed_origins {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return invalid(
+                    "access.allowed_origins",
+                    "each origin is *, or a scheme and host such as https://chat.example.com",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The HS256 secret, when set and not empty.
+    pub fn jwt_secret(&self) -> Option<&str> {
+        self.jwt_secret.as_deref().filter(|s| !s.is_empty())
+    }
+
+    /// The public key file, when set and not empty.
+    pub fn jwt_public_key_file(&self) -> Option<&str> {
+        self.jwt_public_key_file
+            .as_deref()
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The metrics address, when set and not empty.
+    pub fn metrics_listen(&self) -> Option<&str> {
+        self.metrics_listen.as_deref().filter(|s| !s.is_empty())
     }
 }
 
@@ -506,6 +664,45 @@ mod tests {
             ("CHORUS__LIMITS__MAX_IN_FLIGHT", "32"),
         ]);
         assert_eq!(s.transport.max_buffer_size, 64);
+    }
+
+    #[test]
+    fn lists_come_from_arrays_or_comma_separated_strings() {
+        let s = load(&[
+            (
+                "CHORUS__TRANSPORT__TRUSTED_PROXIES",
+                "10.0.0.0/8, 192.168.1.1",
+            ),
+            (
+                "CHORUS__ACCESS__ALLOWED_ORIGINS",
+                "https://a.example,https://b.example",
+            ),
+        ]);
+        assert_eq!(s.transport.trusted_proxies, ["10.0.0.0/8", "192.168.1.1"]);
+        assert_eq!(
+            s.access.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert!(load(&[]).transport.trusted_proxies.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[access]\nallowed_origins = [\"*\"]\n").unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(s.access.allowed_origins, ["*"]);
+        for (pair, key) in [
+            (
+                ("CHORUS__TRANSPORT__TRUSTED_PROXIES", "lb"),
+                "trusted_proxies",
+            ),
+            (
+                ("CHORUS__ACCESS__ALLOWED_ORIGINS", "example.com"),
+                "allowed_origins",
+            ),
+            (("CHORUS__ACCESS__JWT_ALGORITHM", "none"), "jwt_algorithm"),
+        ] {
+            let err = refusal(&[pair]);
+            assert!(err.contains(key), "{pair:?}: {err}");
+        }
     }
 
     #[test]

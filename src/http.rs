@@ -36,14 +36,28 @@ pub struct HttpState {
     pub check_timeout: Duration,
 }
 
-/// The HTTP routes (Socket.IO is added by the caller as the fallback service).
-pub fn routes(state: Arc<HttpState>) -> Router {
-    Router::new()
+/// The public HTTP routes (Socket.IO is added by the caller as the fallback service), with
+/// `/metrics` unless the operations port serves it.
+pub fn routes(state: Arc<HttpState>, with_metrics: bool) -> Router {
+    let router = Router::new()
         .route("/", get(page))
         .route("/socket.io/socket.io.js", get(client_bundle))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    let router = if with_metrics {
+        router.route("/metrics", get(metrics))
+    } else {
+        router
+    };
+    router.with_state(state)
+}
+
+/// The operations port's routes: metrics, liveness and readiness.
+pub fn ops_routes(state: Arc<HttpState>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 
@@ -101,16 +115,34 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
         .into_response()
 }
 
-/// Gives a request's head memory of its own. hyper parses a head in place, so its header values
-/// and URI are slices of the connection's read buffer (8 to 16 KB), and engineioxide keeps each
-/// socket's handshake head for the socket's whole life: without this copy, every idle socket
-/// pins that buffer. Copying costs a few hundred bytes once per request.
+/// The request headers Socket.IO needs: the websocket handshake, the polling body's framing,
+/// and what the handshake checks (origin, forwarded client). engineioxide keeps each session's
+/// handshake head for the session's life, so nothing else is kept.
+const KEPT_HEADERS: [header::HeaderName; 10] = [
+    header::HOST,
+    header::ORIGIN,
+    header::CONNECTION,
+    header::UPGRADE,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::HeaderName::from_static("x-forwarded-for"),
+];
+
+/// Gives a request's head memory of its own, with only [`KEPT_HEADERS`]. hyper parses a head in
+/// place, so its header values and URI are slices of the connection's read buffer (8 to 16 KB),
+/// and engineioxide keeps each socket's handshake head for the socket's whole life: without
+/// this, every idle socket pins that buffer and whatever cookies its browser sent. Copying
+/// costs a few hundred bytes once per request.
 pub fn own_head<B>(mut request: Request<B>) -> Request<B> {
-    let mut headers = HeaderMap::with_capacity(request.headers().len());
-    for (name, value) in request.headers() {
-        let mut owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-        owned.set_sensitive(value.is_sensitive());
-        headers.append(name, owned);
+    let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
+    for name in &KEPT_HEADERS {
+        for value in request.headers().get_all(name) {
+            let owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            headers.append(name, owned);
+        }
     }
     *request.headers_mut() = headers;
     if let Ok(uri) = Uri::try_from(request.uri().to_string()) {
@@ -122,29 +154,30 @@ pub fn own_head<B>(mut request: Request<B>) -> Request<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::body::Bytes;
 
     #[test]
-    fn own_head_keeps_nothing_of_the_read_buffer() {
-        // A head the way hyper hands it over: values and URI sliced out of one read buffer.
-        let buffer = Bytes::from_static(b"/socket.io/?EIO=4&transport=websocket io=abc");
-        let within = |p: *const u8| buffer.as_ptr_range().contains(&p);
-        let uri = Uri::from_maybe_shared(buffer.slice(..37)).unwrap();
-        let mut value = HeaderValue::from_maybe_shared(buffer.slice(38..)).unwrap();
-        value.set_sensitive(true);
-        let mut request = Request::builder().uri(uri).body(()).unwrap();
-        request.headers_mut().append(header::COOKIE, value);
-        assert!(within(
-            request.headers()[header::COOKIE].as_bytes().as_ptr()
-        ));
-
-        let request = own_head(request);
-        let cookie = &request.headers()[header::COOKIE];
-        assert_eq!(cookie.as_bytes(), b"io=abc");
-        assert!(cookie.is_sensitive());
-        assert!(!within(cookie.as_bytes().as_ptr()));
-        let path = request.uri().path_and_query().unwrap().as_str();
-        assert_eq!(path, "/socket.io/?EIO=4&transport=websocket");
-        assert!(!within(path.as_ptr()));
+    fn a_handshake_keeps_only_the_headers_socket_io_needs() {
+        let request = Request::builder()
+            .uri("/socket.io/?EIO=4&transport=websocket")
+            .header(header::HOST, "chat.example.com")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
+            .header(header::COOKIE, "x".repeat(12_000))
+            .header(header::USER_AGENT, "y".repeat(2_000))
+            .header("x-forwarded-for", "1.2.3.4")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(())
+            .unwrap();
+        let kept = own_head(request);
+        let headers = kept.headers();
+        assert!(headers.get(header::COOKIE).is_none());
+        assert!(headers.get(header::USER_AGENT).is_none());
+        assert_eq!(headers.get(header::HOST).unwrap(), "chat.example.com");
+        assert_eq!(headers.get_all("x-forwarded-for").iter().count(), 2);
+        let bytes: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        assert!(bytes < 200, "{bytes} bytes of headers kept");
     }
 }

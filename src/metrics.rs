@@ -104,6 +104,8 @@ pub struct Metrics {
     registry: Registry,
     /// Open Socket.IO connections.
     pub connections: Gauge,
+    /// Open TCP connections (HTTP and websockets), each holding a file descriptor.
+    pub tcp_connections: Gauge,
     /// Messages this node committed to the store.
     pub messages_stored: Counter,
     /// Sends acked without a write because the same message was stored before.
@@ -151,6 +153,7 @@ impl Metrics {
         );
         let m = Metrics {
             connections: Gauge::default(),
+            tcp_connections: Gauge::default(),
             messages_stored: Counter::default(),
             duplicates: Counter::default(),
             store_batches: Counter::default(),
@@ -174,6 +177,11 @@ impl Metrics {
             "connections",
             "Open Socket.IO connections",
             m.connections.clone(),
+        );
+        r.register(
+            "tcp_connections",
+            "Open TCP connections, HTTP and websockets",
+            m.tcp_connections.clone(),
         );
         for (name, help, counter) in [
             (

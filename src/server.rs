@@ -1,10 +1,12 @@
-//! Accepts TCP connections and serves HTTP/1.1 on them with a bounded request head and a deadline
-//! for each head, so that silent, trickling or idle connections cannot pile up.
+//! Accepts TCP connections and serves HTTP/1.1 on them with a bounded request head, a deadline
+//! for each head and for each stalled write, and a bound per node and per address, so that
+//! silent, trickling, idle or unread connections cannot pile up.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -15,18 +17,24 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
+    time::Sleep,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
-use crate::config::TransportSettings;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::{
+    config::TransportSettings,
+    peers::{AddressCounts, AddressGuard, PeerAddr, TrustedProxies},
+};
 
 /// How long accepting pauses after an error such as running out of file descriptors, so the
 /// loop does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// What a connection may take before it is closed.
-#[derive(Debug, Clone, Copy)]
+/// What a connection may take before it is closed, and who it is from.
+#[derive(Debug, Clone)]
 pub struct HttpLimits {
     /// A connection must send a complete request head within this long: the first one (also
     /// when it sends nothing at all), and each next one after a response (so it is also the
@@ -37,6 +45,11 @@ pub struct HttpLimits {
     pub max_header_bytes: usize,
     /// Most TCP connections open at once (HTTP and websockets); more get `503` and are closed.
     pub max_connections: usize,
+    /// A write pending this long (the peer's window stays shut) closes the connection.
+    pub write_stall_timeout: Duration,
+    /// Load balancers: their connections are not counted per address (their clients' sockets
+    /// are, by the chat).
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl From<&TransportSettings> for HttpLimits {
@@ -45,17 +58,22 @@ impl From<&TransportSettings> for HttpLimits {
             header_read_timeout: settings.header_read_timeout,
             max_header_bytes: settings.max_header_bytes,
             max_connections: settings.max_connections,
+            write_stall_timeout: settings.write_stall_timeout,
+            trusted_proxies: settings.trusted_proxies(),
         }
     }
 }
 
 /// Serves `router` until `stop` fires, then closes the port, lets every request in flight finish
 /// (idle keep-alive connections close at once) and returns. Upgraded connections (websockets)
-/// have left hyper and are closed by the Socket.IO layer.
+/// have left hyper and are closed by the Socket.IO layer. A peer that is not a trusted proxy
+/// holds at most `per_address`'s bound of connections; each request carries its [`PeerAddr`].
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
+    per_address: Arc<AddressCounts>,
+    open_gauge: Gauge,
     stop: CancellationToken,
 ) {
     let mut builder = http1::Builder::new();
@@ -66,10 +84,10 @@ pub async fn serve(
     let connections = TaskTracker::new();
     let open = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     accept_failed(&error).await;
                     continue;
@@ -77,26 +95,47 @@ pub async fn serve(
             },
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            refuse(tcp);
+            refuse(tcp, "the node holds its most connections");
             continue;
+        };
+        let address = if limits.trusted_proxies.contains(peer.ip()) {
+            None
+        } else {
+            match per_address.acquire(peer.ip()) {
+                Some(guard) => Some(guard),
+                None => {
+                    refuse(tcp, "the address holds its most connections");
+                    continue;
+                }
+            }
         };
         // Without TCP_NODELAY each small frame (an ack, one message) can wait for the peer's
         // delayed ACK; measured here as about 5x fewer acked sends per second.
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(error = %error, "could not set TCP_NODELAY");
         }
+        open_gauge.inc();
+        let place = Place {
+            _permit: permit,
+            _address: address,
+            open: open_gauge.clone(),
+        };
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            router.clone().oneshot(request.map(Body::new))
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(PeerAddr(peer));
+            router.clone().oneshot(request)
         });
+        let stream = Connection {
+            tcp,
+            stall_timeout: limits.write_stall_timeout,
+            stalled: None,
+            failed: false,
+            reader: None,
+            _place: place,
+        };
         let connection = builder
-            .serve_connection(
-                TokioIo::new(Counted {
-                    tcp,
-                    _permit: permit,
-                }),
-                service,
-            )
+            .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         let stop = stop.clone();
         connections.spawn(async move {
@@ -113,43 +152,121 @@ pub async fn serve(
     connections.wait().await;
 }
 
-/// What a connection beyond `max_connections` is told before it is closed.
+/// What a connection beyond `max_connections` (or its address's share) is told before it is
+/// closed.
 const FULL: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 5\r\ncontent-length: 0\r\n\r\n";
 
 /// Tells a connection the node is full and closes it. The answer fits any socket buffer, so
 /// one non-blocking write sends it; a peer that cannot take even that is closed unanswered.
-fn refuse(tcp: TcpStream) {
-    tracing::debug!("connection refused: the node holds its most connections");
+fn refuse(tcp: TcpStream, why: &str) {
+    tracing::debug!(why, "connection refused");
     if let Err(error) = tcp.try_write(FULL) {
         tracing::debug!(error = %error, "could not answer a refused connection");
     }
 }
 
-/// A TCP stream that holds its place among the open connections until it is dropped: when
-/// hyper closes it, or, after a websocket upgrade, when the websocket ends.
-struct Counted {
+/// A TCP stream that holds its place among the open connections (and its peer's) until it is
+/// dropped: when hyper closes it, or, after a websocket upgrade, when the websocket ends. A
+/// write that makes no progress for `stall_timeout` fails it for good, reads included, so the
+/// tasks holding it (hyper's, or a websocket's reader and writer) end and drop it: a peer that
+/// stopped reading gives back its descriptor and whatever was queued for it.
+struct Connection {
     tcp: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    stall_timeout: Duration,
+    /// Armed when a write finds the socket full; reset by any write that goes through.
+    stalled: Option<Pin<Box<Sleep>>>,
+    failed: bool,
+    /// The task waiting to read, woken when a stalled write fails the connection.
+    reader: Option<Waker>,
+    _place: Place,
 }
 
-impl AsyncRead for Counted {
+/// What an open connection holds: a permit of the node's bound, a count for its address, and
+/// one in the open-connections gauge.
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    _address: Option<AddressGuard>,
+    open: Gauge,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+fn stalled() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the peer took nothing for the write-stall timeout",
+    )
+}
+
+impl Connection {
+    /// Passes on a write's progress; a write pending for the whole stall timeout fails.
+    fn write_progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let timeout = self.stall_timeout;
+                let deadline = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                tracing::debug!("closing a connection whose peer stopped reading");
+                self.failed = true;
+                if let Some(reader) = self.reader.take() {
+                    reader.wake();
+                }
+                Poll::Ready(Err(stalled()))
+            }
+        }
+    }
+}
+
+impl AsyncRead for Connection {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        if self.failed {
+            return Poll::Ready(Err(stalled()));
+        }
+        let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if polled.is_pending()
+            && !self
+                .reader
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.reader = Some(cx.waker().clone());
+        }
+        polled
     }
 }
 
-impl AsyncWrite for Counted {
+impl AsyncWrite for Connection {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        if self.failed {
+            return Poll::Ready(Err(stalled()));
+        }
+        let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.write_progress(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -157,6 +274,9 @@ impl AsyncWrite for Counted {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.failed {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 
@@ -165,7 +285,11 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        if self.failed {
+            return Poll::Ready(Err(stalled()));
+        }
+        let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.write_progress(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -1,4 +1,5 @@
-//! The handshake: validate `auth.serverOffset`, then subscribe the socket to the feed from there.
+//! The handshake: verify the token (when configured), bound the client's sockets, validate
+//! `auth.serverOffset`, then subscribe the socket to the feed from there.
 
 use std::sync::Arc;
 
@@ -6,11 +7,17 @@ use serde_json::Value;
 use socketioxide::{adapter::Adapter, extract::SocketRef, socket::DisconnectReason};
 
 use super::{CHAT_MESSAGE, Chat, SocketSink, messages};
-use crate::{config::History, metrics::ErrorKind};
+use crate::{access::TokenError, config::History, metrics::ErrorKind, peers::PeerAddr};
 
 /// Why a handshake was refused; the client gets a `connect_error` with this message.
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub enum HandshakeError {
+    /// The token is missing, invalid or expired: the message is its stable code.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The client's address holds its most sockets already (behind a trusted proxy).
+    #[error("too_many_connections")]
+    TooManyConnections,
     /// `auth` was present but is not an object.
     #[error("auth must be an object such as {{ \"serverOffset\": 0 }}")]
     NotAnObject,
@@ -28,11 +35,11 @@ pub enum AuthError {
 }
 
 /// The offset a handshake asks to resume after; `None` for a new client (absent, null or 0).
-pub fn requested_offset(auth: Option<&Value>) -> Result<Option<i64>, AuthError> {
+pub fn requested_offset(auth: Option<&Value>) -> Result<Option<i64>, HandshakeError> {
     let offset = match auth {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(map)) => map.get("serverOffset"),
-        Some(_) => return Err(AuthError::NotAnObject),
+        Some(_) => return Err(HandshakeError::NotAnObject),
     };
     let parsed = match offset {
         None | Some(Value::Null) => return Ok(None),
@@ -48,41 +55,65 @@ pub fn requested_offset(auth: Option<&Value>) -> Result<Option<i64>, AuthError> 
         None => {
             let mut shown = offset.map(Value::to_string).unwrap_or_default();
             shown.truncate(64);
-            Err(AuthError::BadOffset(shown))
+            Err(HandshakeError::BadOffset(shown))
         }
     }
 }
 
-/// The connect middleware: refuses a handshake whose offset is malformed or from the future.
-pub(super) async fn check_auth(
+/// The connect middleware: refuses a handshake without a valid token (when tokens are on), from
+/// a proxied client that holds its most sockets, or whose offset is malformed or from the future.
+/// What it admits it leaves in the socket's extensions: the [`User`] and the address's place.
+pub(super) async fn check_handshake<A: Adapter>(
+    socket: &SocketRef<A>,
     auth: Result<Value, socketioxide::ParserError>,
     chat: &Chat,
-) -> Result<(), AuthError> {
-    let result = match auth {
-        Ok(auth) => requested_offset(Some(&auth)),
-        Err(_) => Err(AuthError::NotAnObject),
-    };
-    let result = match result {
-        Ok(Some(requested)) if requested > chat.feed.head() => {
-            // This node may lag behind the one the client came from; only the store can say.
-            match chat.store.head().await {
-                Ok(head) if requested > head => Err(AuthError::AheadOfHead { requested, head }),
-                Ok(_) => Ok(()),
-                // The tutorial's client never retries after a connect_error, so an outage must
-                // not refuse it: accept the offset (it came from one of our nodes) and let the
-                // catch-up wait for the store.
-                Err(error) => {
-                    tracing::warn!(error = %error, "store unreachable during a handshake; offset accepted unchecked");
-                    Ok(())
-                }
-            }
-        }
-        other => other.map(|_| ()),
-    };
+) -> Result<(), HandshakeError> {
+    let result = admit(socket, auth, chat).await;
     if result.is_err() {
         chat.metrics.error(ErrorKind::InvalidHandshake);
     }
     result
+}
+
+async fn admit<A: Adapter>(
+    socket: &SocketRef<A>,
+    auth: Result<Value, socketioxide::ParserError>,
+    chat: &Chat,
+) -> Result<(), HandshakeError> {
+    let auth = auth.map_err(|_| HandshakeError::NotAnObject)?;
+    if let Some(verifier) = &chat.verifier {
+        socket.extensions.insert(verifier.verify(Some(&auth))?);
+    }
+    let requested = requested_offset(Some(&auth))?;
+    if let Some(requested) = requested
+        && requested > chat.feed.head()
+    {
+        // This node may lag behind the one the client came from; only the store can say.
+        match chat.store.head().await {
+            Ok(head) if requested > head => {
+                return Err(HandshakeError::AheadOfHead { requested, head });
+            }
+            Ok(_) => {}
+            // The tutorial's client never retries after a connect_error, so an outage must
+            // not refuse it: accept the offset (it came from one of our nodes) and let the
+            // catch-up wait for the store.
+            Err(error) => {
+                tracing::warn!(error = %error, "store unreachable during a handshake; offset accepted unchecked");
+            }
+        }
+    }
+    let parts = socket.req_parts();
+    if let Some(PeerAddr(peer)) = parts.extensions.get::<PeerAddr>()
+        && chat.trusted_proxies.contains(peer.ip())
+    {
+        let client = chat.trusted_proxies.client(peer.ip(), &parts.headers);
+        let place = chat
+            .per_address
+            .acquire(client)
+            .ok_or(HandshakeError::TooManyConnections)?;
+        socket.extensions.insert(Arc::new(place));
+    }
+    Ok(())
 }
 
 /// A socket joined: wire its handlers, then subscribe it after the offset it asked for.

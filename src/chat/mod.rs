@@ -10,14 +10,16 @@ use socketioxide::{SocketIo, adapter::Adapter, extract::SocketRef, handler::Conn
 use socketioxide_core::adapter::DefinedAdapter;
 
 use crate::{
+    access::Verifier,
     config::History,
     feed::{Feed, Sink, SinkError},
     metrics::Metrics,
+    peers::{AddressCounts, TrustedProxies},
     store::{Message, Store},
     writer::Writer,
 };
 
-pub use connect::{AuthError, requested_offset};
+pub use connect::{HandshakeError, requested_offset};
 pub use messages::{InputError, Limits, parse_send};
 
 /// The event name of the contract, both directions.
@@ -37,6 +39,13 @@ pub struct Chat {
     pub limits: Limits,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Set: every handshake must carry a token it verifies.
+    pub verifier: Option<Verifier>,
+    /// Sockets per client address, counted for clients behind a trusted proxy (direct peers
+    /// are counted by their TCP connections).
+    pub per_address: Arc<AddressCounts>,
+    /// The load balancers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// Registers the `/` namespace on `io`; returns what the adapter needs awaited, if anything.
@@ -49,12 +58,16 @@ pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, chat: Arc<Chat>) 
         connect::on_connect(socket, auth.0.ok(), chat.clone());
         std::future::ready(())
     };
-    let check = move |auth: socketioxide::extract::TryData<serde_json::Value>| {
+    let check = move |socket: SocketRef<A>,
+                      auth: socketioxide::extract::TryData<serde_json::Value>| {
         let chat = for_auth.clone();
-        async move { connect::check_auth(auth.0, &chat).await }
+        async move { connect::check_handshake(&socket, auth.0, &chat).await }
     };
     io.ns("/", handler.with(check))
 }
+
+/// How often a disconnect that found the socket's buffer full is tried again.
+const DISCONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A socket as the feed sees it.
 struct SocketSink<A: Adapter>(SocketRef<A>);
@@ -79,9 +92,15 @@ impl<A: Adapter> Sink for SocketSink<A> {
         }
     }
 
+    /// The disconnect packet needs room in the very buffer that is full; until the peer makes
+    /// some (or its stalled connection is closed, which closes the socket) it is retried.
     fn disconnect(&self) {
-        if let Err(error) = self.0.clone().disconnect() {
-            tracing::debug!(error = ?error, "socket already gone");
-        }
+        use socketioxide::SocketError;
+        let socket = self.0.clone();
+        tokio::spawn(async move {
+            while let Err(SocketError::InternalChannelFull) = socket.clone().disconnect() {
+                tokio::time::sleep(DISCONNECT_RETRY).await;
+            }
+        });
     }
 }

@@ -294,3 +294,85 @@ async fn connections_beyond_the_node_limit_get_a_clear_refusal() {
     drop(third);
     node.stop().await;
 }
+
+/// A websocket whose peer stopped reading used to keep its descriptor, its place and every
+/// packet queued for it until the peer read again. Now a write that makes no progress for
+/// `transport.write_stall_timeout_ms` closes the connection: the TCP connection, the socket
+/// and its queue are released, and the sender beside it is served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_released() {
+    let db = TestDb::new().await;
+    let settings = TestSettings::new(&db)
+        .set("CHORUS__TRANSPORT__WRITE_STALL_TIMEOUT_MS", "1000")
+        // The feed's own cut-off would also end it; this test is about the stalled write.
+        .set("CHORUS__TRANSPORT__SLOW_CONSUMER_TIMEOUT_MS", "600000");
+    let node = Node::start(settings.build()).await;
+    let sender = Client::connect(&node.url, None).await.expect("connect");
+    let mut unread = chorus_testkit::slow_consumer(node.addr.port()).await;
+    assert_eq!(node.metric("chorus_connections").await, 2.0);
+
+    // Far more than the kernel buffers of the unread socket hold.
+    let content = "x".repeat(4000);
+    for i in 0..400 {
+        sender
+            .send(&content, Some(&format!("s-{i}")))
+            .await
+            .assert_ok();
+        if node.metric("chorus_connections").await < 2.0 {
+            break;
+        }
+    }
+    // The sender's connection and the probe's own.
+    wait_for(T, "the unread socket to be released", || async {
+        node.metric("chorus_tcp_connections").await == 2.0
+            && node.metric("chorus_connections").await == 1.0
+    })
+    .await;
+    // Its peer, reading at last, finds what its buffers held and then the end.
+    let drained = tokio::time::timeout(T, async {
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = unread.next().await {}
+    })
+    .await;
+    assert!(drained.is_ok(), "the node closed the unread connection");
+    sender
+        .send("still served", Some("s-last"))
+        .await
+        .assert_ok();
+    node.stop().await;
+}
+
+/// An Engine.IO session that never joins the chat (no Socket.IO CONNECT) is closed after
+/// `transport.handshake_timeout_ms`, over polling and over websocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_never_joins_is_closed_after_the_handshake_timeout() {
+    let db = TestDb::new().await;
+    let settings = TestSettings::new(&db).set("CHORUS__TRANSPORT__HANDSHAKE_TIMEOUT_MS", "500");
+    let node = Node::start(settings.build()).await;
+    let port = node.addr.port();
+
+    let polling = PollingSession::open_only(port).await;
+    let started = Instant::now();
+    wait_for(T, "the unjoined polling session to be closed", || async {
+        polling.poll().await.0 != 200
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let addr = node.addr;
+    let websocket = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .write_all(chorus_testkit::websocket_upgrade("").as_bytes())
+            .expect("write");
+        let started = Instant::now();
+        read_to_close(stream);
+        started.elapsed()
+    });
+    let open_for = websocket.await.expect("websocket");
+    assert!(
+        open_for >= Duration::from_millis(400) && open_for < Duration::from_secs(5),
+        "closed after {open_for:?}"
+    );
+    node.stop().await;
+}

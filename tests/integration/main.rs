@@ -1,6 +1,7 @@
 //! Integration tests: real nodes, real Postgres and Redis, real Socket.IO clients.
 
 mod abuse;
+mod access;
 mod cluster;
 mod deploy;
 mod faults;

@@ -32,47 +32,152 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_else(|| panic!("GET {path} on {addr} got no answer"))
 }
 
+/// The status code of the answer to `head`, a raw HTTP/1.1 request head sent on a new
+/// connection to `127.0.0.1:{port}`: for requests no HTTP client sends as written, such as a
+/// websocket upgrade with a chosen `Origin` (a `101` included).
+pub async fn raw_status(port: u16, head: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        stream.write_all(head.as_bytes()).await.expect("write");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !seen.windows(2).any(|w| w == b"\r\n") {
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before a status line: {seen:?}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let line = String::from_utf8_lossy(&seen).into_owned();
+        line.split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"))
+    };
+    tokio::time::timeout(GET_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no status line within {GET_TIMEOUT:?}"))
+}
+
+/// A websocket upgrade to the Socket.IO endpoint with `extra` header lines (each ending in
+/// `\r\n`), for [`raw_status`].
+pub fn websocket_upgrade(extra: &str) -> String {
+    format!(
+        "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
 /// An Engine.IO long-polling session spoken by hand, for packets no Socket.IO client would
 /// send: open, then POST raw packets and GET what the server queued.
 pub struct PollingSession {
     client: reqwest::Client,
     url: String,
+    headers: reqwest::header::HeaderMap,
+}
+
+/// Why a polling session could not join the chat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollingRefusal {
+    /// An HTTP status other than 200, with the body.
+    Http(u16, String),
+    /// The namespace's `connect_error` message.
+    ConnectError(String),
 }
 
 impl PollingSession {
     /// Opens a session on the node on `port` and joins namespace `/`.
     pub async fn open(port: u16) -> PollingSession {
+        let session = Self::handshake(port, &[]).await.expect("polling handshake");
+        assert_eq!(session.post("40").await, 200, "CONNECT to /");
+        session
+    }
+
+    /// Opens an Engine.IO session and does not join the chat.
+    pub async fn open_only(port: u16) -> PollingSession {
+        Self::handshake(port, &[]).await.expect("polling handshake")
+    }
+
+    /// Opens a session with `headers` on every request and joins `/` with `auth`, reading
+    /// the namespace's answer: the session, or what refused it.
+    pub async fn join(
+        port: u16,
+        headers: &[(&str, &str)],
+        auth: Option<serde_json::Value>,
+    ) -> Result<PollingSession, PollingRefusal> {
+        let session = Self::handshake(port, headers).await?;
+        let connect = match auth {
+            Some(auth) => format!("40{auth}"),
+            None => "40".to_owned(),
+        };
+        assert_eq!(session.post(&connect).await, 200, "CONNECT to /");
+        // Pings may come first; the answer is among the next few payloads.
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let (status, body) = session.poll().await;
+            if status != 200 {
+                return Err(PollingRefusal::Http(status, body));
+            }
+            for packet in body.split('\u{1e}') {
+                if packet.starts_with("40") {
+                    return Ok(session);
+                }
+                if let Some(error) = packet.strip_prefix("44") {
+                    let error: serde_json::Value = serde_json::from_str(error).expect("JSON error");
+                    let message = error["message"].as_str().unwrap_or_default().to_owned();
+                    return Err(PollingRefusal::ConnectError(message));
+                }
+            }
+            seen.push(body);
+        }
+        panic!("no answer to CONNECT in {seen:?}")
+    }
+
+    /// The Engine.IO open request; the session it opened.
+    async fn handshake(port: u16, headers: &[(&str, &str)]) -> Result<Self, PollingRefusal> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(GET_TIMEOUT)
             .build()
             .expect("an HTTP client without TLS builds");
+        let mut map = reqwest::header::HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                reqwest::header::HeaderValue::from_str(value).expect("header value"),
+            );
+        }
         let base = format!("http://127.0.0.1:{port}/socket.io/?EIO=4&transport=polling");
-        let open = client
+        let response = client
             .get(&base)
+            .headers(map.clone())
             .send()
             .await
-            .expect("polling handshake")
-            .text()
-            .await
-            .expect("handshake body");
+            .expect("polling handshake");
+        let status = response.status().as_u16();
+        let open = response.text().await.expect("handshake body");
+        if status != 200 {
+            return Err(PollingRefusal::Http(status, open));
+        }
         let json = open.strip_prefix('0').expect("an Engine.IO OPEN packet");
         let sid = serde_json::from_str::<serde_json::Value>(json).expect("OPEN is JSON")["sid"]
             .as_str()
             .expect("OPEN names the sid")
             .to_owned();
-        let session = PollingSession {
+        Ok(PollingSession {
             client,
             url: format!("{base}&sid={sid}"),
-        };
-        assert_eq!(session.post("40").await, 200, "CONNECT to /");
-        session
+            headers: map,
+        })
     }
 
     /// POSTs one payload; the HTTP status.
     pub async fn post(&self, payload: &str) -> u16 {
         self.client
             .post(&self.url)
+            .headers(self.headers.clone())
             .body(payload.to_owned())
             .send()
             .await
@@ -82,7 +187,13 @@ impl PollingSession {
 
     /// GETs what the server queued; `(status, body)`. A closed session answers 400.
     pub async fn poll(&self) -> (u16, String) {
-        match self.client.get(&self.url).send().await {
+        match self
+            .client
+            .get(&self.url)
+            .headers(self.headers.clone())
+            .send()
+            .await
+        {
             Ok(response) => {
                 let status = response.status().as_u16();
                 (status, response.text().await.unwrap_or_default())

@@ -39,7 +39,7 @@ pub use balancer::{Balancer, Lb};
 pub use client::{Ack, Client, ClientError, assert_acked, slow_consumer};
 pub use db::{PG_ADMIN, TestDb, TestSqlite};
 pub use fixture::{free_port, unique, wait_for};
-pub use http::{PollingSession, http_get, try_get};
+pub use http::{PollingRefusal, PollingSession, http_get, raw_status, try_get, websocket_upgrade};
 pub use js::run_js;
 pub use load::{SteadyLoad, sources};
 pub use metrics::metric;
