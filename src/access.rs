@@ -77,6 +77,11 @@ impl Origins {
         }
     }
 
+    /// Whether a request with these headers may reach Socket.IO.
+    pub fn allows(&self, headers: &HeaderMap) -> bool {
+        self.verdict(headers) != Verdict::Refused
+    }
+
     fn verdict(&self, headers: &HeaderMap) -> Verdict {
         let Some(origin) = headers.get(header::ORIGIN) else {
             return Verdict::Absent;

@@ -62,17 +62,24 @@ pub fn requested_offset(auth: Option<&Value>) -> Result<Option<i64>, HandshakeEr
 
 /// The connect middleware: refuses a handshake without a valid token (when tokens are on), from
 /// a proxied client that holds its most sockets, or whose offset is malformed or from the future.
-/// What it admits it leaves in the socket's extensions: the [`User`] and the address's place.
+/// What it admits it leaves in the socket's extensions (the [`crate::access::User`] and the
+/// address's place), and it wires the socket's `chat message` handler here, before socketioxide
+/// sends the CONNECT answer: docs/DESIGN.md, "Connection and handshake".
 pub(super) async fn check_handshake<A: Adapter>(
     socket: &SocketRef<A>,
     auth: Result<Value, socketioxide::ParserError>,
-    chat: &Chat,
+    chat: Arc<Chat>,
 ) -> Result<(), HandshakeError> {
-    let result = admit(socket, auth, chat).await;
-    if result.is_err() {
-        chat.metrics.error(ErrorKind::InvalidHandshake);
+    match admit(socket, auth, &chat).await {
+        Ok(()) => {
+            messages::wire(socket, chat);
+            Ok(())
+        }
+        Err(error) => {
+            chat.metrics.error(ErrorKind::InvalidHandshake);
+            Err(error)
+        }
     }
-    result
 }
 
 async fn admit<A: Adapter>(
@@ -116,9 +123,8 @@ async fn admit<A: Adapter>(
     Ok(())
 }
 
-/// A socket joined: wire its handlers, then subscribe it after the offset it asked for.
-/// Synchronous on purpose, so the handlers exist before the socket's first event is read
-/// (`docs/DESIGN.md`, "Connection and handshake").
+/// A socket joined (its `chat message` handler is already wired): watch its disconnect, then
+/// subscribe it after the offset it asked for.
 pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, chat: Arc<Chat>) {
     chat.metrics.connections.inc();
     let id: Arc<str> = socket.id.to_string().into();
@@ -133,7 +139,6 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
             chat.metrics.connections.dec();
         }
     });
-    messages::wire(&socket, chat.clone());
 
     // The middleware already refused a bad offset, so this parse succeeds.
     let after = match requested_offset(auth.as_ref()).ok().flatten() {

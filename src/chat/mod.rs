@@ -20,7 +20,7 @@ use crate::{
 };
 
 pub use connect::{HandshakeError, requested_offset};
-pub use messages::{InputError, Limits, parse_send};
+pub use messages::{EventArgs, InputError, Limits, parse_send};
 
 /// The event name of the contract, both directions.
 pub const CHAT_MESSAGE: &str = "chat message";
@@ -61,7 +61,7 @@ pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, chat: Arc<Chat>) 
     let check = move |socket: SocketRef<A>,
                       auth: socketioxide::extract::TryData<serde_json::Value>| {
         let chat = for_auth.clone();
-        async move { connect::check_handshake(&socket, auth.0, &chat).await }
+        async move { connect::check_handshake(&socket, auth.0, chat).await }
     };
     io.ns("/", handler.with(check))
 }

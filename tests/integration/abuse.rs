@@ -376,3 +376,115 @@ async fn a_session_that_never_joins_is_closed_after_the_handshake_timeout() {
     );
     node.stop().await;
 }
+
+/// The frames of `tests/corpus/packets.json`.
+fn corpus() -> (Vec<String>, Vec<Vec<u8>>) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/packets.json");
+    let corpus: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the corpus")).expect("JSON");
+    let text = serde_json::from_value(corpus["text"].clone()).expect("text frames");
+    let binary = serde_json::from_value(corpus["binary"].clone()).expect("binary frames");
+    (text, binary)
+}
+
+/// Every malformed frame of the corpus (truncated packets, wrong types, huge or negative ack
+/// ids, binary attachments where text is expected, unknown namespaces), each on a session of
+/// its own, over websocket and over polling. After each, the session either answers a valid
+/// send or is closed: never left open and deaf. A bystander on the node is served all along,
+/// and nothing of the frames is stored: only the valid sends (a valid send that raced its
+/// session's close may be stored unacked, as after any lost connection; a retry would be
+/// answered as a duplicate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_over_websocket_and_polling_store_nothing_and_hurt_no_one() {
+    let db = TestDb::new().await;
+    let node = Node::start(TestSettings::new(&db).build()).await;
+    let mut bystander = Client::connect(&node.url, None).await.expect("connect");
+    let (text, binary) = corpus();
+    let mut valid = 0;
+
+    for (i, frame) in text.iter().enumerate() {
+        let mut client = Client::connect(&node.url, None).await.expect("connect");
+        client.send_raw(frame.clone()).await.expect("send");
+        if answers_or_closes(&mut client, &format!("w-{i}"), frame).await {
+            valid += 1;
+        }
+    }
+    for (i, frame) in binary.iter().enumerate() {
+        let mut client = Client::connect(&node.url, None).await.expect("connect");
+        client.send_raw_binary(frame.clone()).await.expect("send");
+        if answers_or_closes(&mut client, &format!("b-{i}"), &format!("{frame:?}")).await {
+            valid += 1;
+        }
+    }
+    for (i, frame) in text.iter().enumerate() {
+        let polling = PollingSession::open(node.addr.port()).await;
+        polling.post(frame).await;
+        let offset = format!("p-{i}");
+        polling
+            .post(&format!(r#"4277["chat message","valid","{offset}"]"#))
+            .await;
+        let mut answered = None;
+        for _ in 0..5 {
+            let (status, body) = polling.poll().await;
+            if status != 200 {
+                answered = Some(false);
+                break;
+            }
+            if body.contains("4377[null") {
+                answered = Some(true);
+                break;
+            }
+        }
+        match answered {
+            Some(true) => valid += 1,
+            Some(false) => {}
+            None => panic!("{frame:?} over polling left the session open without an ack"),
+        }
+    }
+
+    bystander.send("unhurt", Some("by-1")).await.assert_ok();
+    let stored = db.count().await;
+    let mut seen = 0;
+    while let Ok((content, _)) = bystander
+        .next_chat_message(Duration::from_millis(500))
+        .await
+    {
+        assert!(matches!(content.as_str(), "valid" | "unhurt"), "{content}");
+        seen += 1;
+    }
+    assert_eq!(seen, stored, "the bystander saw every stored message");
+    let mut conn = db.connect().await;
+    let foreign: i64 = sqlx::query_scalar(
+        "select count(*) from messages where content not in ('valid', 'unhurt')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(foreign, 0, "nothing of the malformed frames was stored");
+    assert!(
+        stored > valid as i64,
+        "every acked send ({valid}) and the bystander's were stored ({stored})"
+    );
+    node.stop().await;
+}
+
+/// After a bad frame: `true` when the session still acks a valid send, `false` when the node
+/// closed it; a session left open that does not answer fails the test.
+async fn answers_or_closes(client: &mut Client, offset: &str, frame: &str) -> bool {
+    match client
+        .try_send("valid", Some(offset), Duration::from_secs(3))
+        .await
+    {
+        Ok(ack) => {
+            ack.assert_ok();
+            true
+        }
+        Err(_) => {
+            client
+                .wait_closed(T)
+                .await
+                .unwrap_or_else(|e| panic!("{frame:?}: neither answered nor closed: {e}"));
+            false
+        }
+    }
+}
