@@ -488,3 +488,70 @@ async fn answers_or_closes(client: &mut Client, offset: &str, frame: &str) -> bo
         }
     }
 }
+
+/// The limits a socket meets hold over polling as over websocket: message length, the send
+/// rate (and its burst), and the payload size, which closes the session. Error acks name the
+/// limit and carry no internal names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_limits_hold_over_polling_too() {
+    use serde_json::json;
+    let db = TestDb::new().await;
+    let settings = TestSettings::new(&db)
+        .set("CHORUS__LIMITS__MAX_MESSAGE_CHARS", "100")
+        .set("CHORUS__LIMITS__MAX_PAYLOAD_BYTES", "4096")
+        .set("CHORUS__LIMITS__MESSAGES_PER_SECOND", "1")
+        .set("CHORUS__LIMITS__MESSAGE_BURST", "3");
+    let node = Node::start(settings.build()).await;
+    let port = node.addr.port();
+
+    let polling = PollingSession::open(port).await;
+    let too_long = polling
+        .emit_with_ack(
+            1,
+            &[json!("chat message"), json!("x".repeat(101)), json!("l-1")],
+        )
+        .await
+        .expect("an ack");
+    assert_eq!(
+        too_long.error_code(),
+        Some("content_too_long"),
+        "{too_long:?}"
+    );
+    let message = too_long.error_message().unwrap_or_default().to_lowercase();
+    for internal in ["sql", "postgres", "sqlite", "panick", "src/"] {
+        assert!(!message.contains(internal), "{message}");
+    }
+    // The refused send took a token too: two of the burst are left, then the rate refuses.
+    let mut codes = Vec::new();
+    for i in 0..4 {
+        let ack = polling
+            .emit_with_ack(
+                10 + i,
+                &[json!("chat message"), json!("ok"), json!(format!("r-{i}"))],
+            )
+            .await
+            .expect("an ack");
+        codes.push(ack.error_code().map(str::to_owned));
+    }
+    assert_eq!(codes[..2], [None, None], "{codes:?}");
+    assert!(
+        codes[2..].contains(&Some("rate_limited".to_owned())),
+        "beyond the burst: {codes:?}"
+    );
+
+    let oversized = PollingSession::open(port).await;
+    let status = oversized
+        .post(&format!(
+            r#"42["chat message","{}","big"]"#,
+            "y".repeat(5000)
+        ))
+        .await;
+    assert_ne!(status, 200, "a payload beyond the bound is refused");
+    wait_for(T, "the oversized session to be closed", || async {
+        oversized.poll().await.0 != 200
+    })
+    .await;
+    let accepted = codes.iter().filter(|code| code.is_none()).count();
+    assert_eq!(db.count().await, accepted as i64, "the accepted sends only");
+    node.stop().await;
+}

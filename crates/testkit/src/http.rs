@@ -185,6 +185,37 @@ impl PollingSession {
             .unwrap_or(0)
     }
 
+    /// Emits an event with `args` and ack id `id` and polls for its ack, skipping whatever else
+    /// arrives (a few polls at most); `Err((status, body))` when the session answers otherwise.
+    pub async fn emit_with_ack(
+        &self,
+        id: u64,
+        args: &[serde_json::Value],
+    ) -> Result<crate::Ack, (u16, String)> {
+        let status = self
+            .post(&format!("42{id}{}", serde_json::Value::from(args.to_vec())))
+            .await;
+        if status != 200 {
+            return Err((status, String::new()));
+        }
+        let prefix = format!("43{id}");
+        for _ in 0..20 {
+            let (status, body) = self.poll().await;
+            if status != 200 {
+                return Err((status, body));
+            }
+            for packet in body.split('\u{1e}') {
+                if let Some(args) = packet.strip_prefix(&prefix)
+                    && args.starts_with('[')
+                {
+                    let args = serde_json::from_str(args).expect("ack arguments are JSON");
+                    return Ok(crate::Ack(args));
+                }
+            }
+        }
+        panic!("no ack {id} within 20 polls")
+    }
+
     /// GETs what the server queued; `(status, body)`. A closed session answers 400.
     pub async fn poll(&self) -> (u16, String) {
         match self
