@@ -120,12 +120,14 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         &runtime,
     );
     let per_address = AddressCounts::new(settings.transport.max_connections_per_address);
+    let limits = (&settings.limits).into();
     let chat = Arc::new(Chat {
         feed,
         writer,
         store: store.clone(),
         history: settings.chat.history,
-        limits: (&settings.limits).into(),
+        address_rates: chat::AddressRates::new(&limits),
+        limits,
         metrics: runtime.metrics.clone(),
         verifier: Verifier::new(&settings.access)?,
         per_address: per_address.clone(),

@@ -66,6 +66,11 @@ pub struct LimitSettings {
     pub message_burst: u32,
     /// A socket whose sends are refused as rate limited this many times in a row is disconnected.
     pub rate_limited_disconnect_after: u32,
+    /// Sends all sockets of one client address may make per second on average, so that a
+    /// client cannot reconnect for a fresh per-socket bucket. Behind a NAT, many people share it.
+    pub address_messages_per_second: u32,
+    /// Sends all sockets of one client address may make at once before that rate applies.
+    pub address_message_burst: u32,
 }
 
 /// Per-connection buffers and timeouts of the Socket.IO transport.
@@ -325,6 +330,8 @@ max_payload_bytes = 65536
 messages_per_second = 10
 message_burst = 50
 rate_limited_disconnect_after = 100
+address_messages_per_second = 100
+address_message_burst = 500
 
 [transport]
 max_buffer_size = 4096
@@ -451,6 +458,23 @@ impl Settings {
             1,
         )?;
         at_least("limits.max_in_flight", n(self.limits.max_in_flight), 1)?;
+        for (key, value) in [
+            (
+                "limits.messages_per_second",
+                self.limits.messages_per_second,
+            ),
+            ("limits.message_burst", self.limits.message_burst),
+            (
+                "limits.address_messages_per_second",
+                self.limits.address_messages_per_second,
+            ),
+            (
+                "limits.address_message_burst",
+                self.limits.address_message_burst,
+            ),
+        ] {
+            at_least(key, u64::from(value), 1)?;
+        }
         at_least(
             "limits.max_payload_bytes",
             self.limits.max_payload_bytes,

@@ -1,7 +1,7 @@
 //! The handshake: verify the token (when configured), bound the client's sockets, validate
 //! `auth.serverOffset`, then subscribe the socket to the feed from there.
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc};
 
 use serde_json::Value;
 use socketioxide::{adapter::Adapter, extract::SocketRef, socket::DisconnectReason};
@@ -71,8 +71,8 @@ pub(super) async fn check_handshake<A: Adapter>(
     chat: Arc<Chat>,
 ) -> Result<(), HandshakeError> {
     match admit(socket, auth, &chat).await {
-        Ok(()) => {
-            messages::wire(socket, chat);
+        Ok(client) => {
+            messages::wire(socket, chat, client);
             Ok(())
         }
         Err(error) => {
@@ -82,11 +82,12 @@ pub(super) async fn check_handshake<A: Adapter>(
     }
 }
 
+/// Checks a handshake; the client's address when it is known.
 async fn admit<A: Adapter>(
     socket: &SocketRef<A>,
     auth: Result<Value, socketioxide::ParserError>,
     chat: &Chat,
-) -> Result<(), HandshakeError> {
+) -> Result<Option<IpAddr>, HandshakeError> {
     let auth = auth.map_err(|_| HandshakeError::NotAnObject)?;
     if let Some(verifier) = &chat.verifier {
         socket.extensions.insert(verifier.verify(Some(&auth))?);
@@ -110,17 +111,19 @@ async fn admit<A: Adapter>(
         }
     }
     let parts = socket.req_parts();
-    if let Some(PeerAddr(peer)) = parts.extensions.get::<PeerAddr>()
-        && chat.trusted_proxies.contains(peer.ip())
-    {
-        let client = chat.trusted_proxies.client(peer.ip(), &parts.headers);
+    let Some(PeerAddr(peer)) = parts.extensions.get::<PeerAddr>() else {
+        return Ok(None);
+    };
+    let client = chat.trusted_proxies.client(peer.ip(), &parts.headers);
+    // A direct peer's connections are counted at accept; a proxied client's sockets here.
+    if chat.trusted_proxies.contains(peer.ip()) {
         let place = chat
             .per_address
             .acquire(client)
             .ok_or(HandshakeError::TooManyConnections)?;
         socket.extensions.insert(Arc::new(place));
     }
-    Ok(())
+    Ok(Some(client))
 }
 
 /// A socket joined (its `chat message` handler is already wired): watch its disconnect, then

@@ -1,9 +1,10 @@
 //! `chat message` from clients: validate, store once, ack after commit.
 
 use std::{
+    net::IpAddr,
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::Instant,
 };
@@ -31,6 +32,8 @@ pub struct Limits {
     pub rate: governor::Quota,
     /// Rate-limited sends in a row after which the socket is disconnected.
     pub rate_limited_disconnect_after: u32,
+    /// Each client address's send rate, shared by its sockets.
+    pub address_rate: governor::Quota,
     /// Longest message, in characters.
     pub max_message_chars: usize,
     /// Longest client offset, in characters.
@@ -47,10 +50,43 @@ impl From<&LimitSettings> for Limits {
             rate: governor::Quota::per_second(nonzero(settings.messages_per_second))
                 .allow_burst(nonzero(settings.message_burst)),
             rate_limited_disconnect_after: settings.rate_limited_disconnect_after,
+            address_rate: governor::Quota::per_second(nonzero(
+                settings.address_messages_per_second,
+            ))
+            .allow_burst(nonzero(settings.address_message_burst)),
             max_message_chars: settings.max_message_chars,
             max_client_offset_chars: settings.max_client_offset_chars,
             max_in_flight: settings.max_in_flight,
         }
+    }
+}
+
+/// Checks between two sweeps of the address buckets that have refilled (and so hold nothing).
+const ADDRESS_SWEEP_EVERY: u64 = 16_384;
+
+/// The send rate of every client address, shared by all its sockets, so that reconnecting does
+/// not buy a fresh bucket. A full bucket is forgotten at the next sweep.
+pub struct AddressRates {
+    limiter: governor::DefaultKeyedRateLimiter<IpAddr>,
+    checks: AtomicU64,
+}
+
+impl AddressRates {
+    /// Buckets of `limits.address_rate`.
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            limiter: governor::RateLimiter::keyed(limits.address_rate),
+            checks: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes a send from `addr`'s bucket; `false` when it is empty.
+    fn check(&self, addr: IpAddr) -> bool {
+        if self.checks.fetch_add(1, Relaxed) % ADDRESS_SWEEP_EVERY == ADDRESS_SWEEP_EVERY - 1 {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+        }
+        self.limiter.check_key(&addr).is_ok()
     }
 }
 
@@ -183,13 +219,14 @@ pub fn parse_send(args: &[Value], limits: &Limits) -> Result<NewMessage, InputEr
     })
 }
 
-/// Registers `chat message` on a freshly connected socket.
+/// Registers `chat message` on a socket the handshake admitted, whose sends count against its
+/// own bucket and, when its client address is known, that address's.
 ///
 /// The send is validated and queued for the writer in the handler itself, not in the future it
 /// returns, so a client's pipelined sends are stored in the order it sent them
 /// (`docs/DESIGN.md`, "Write path").
-pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>) {
-    let sender = Arc::new(Sender::new(&chat.limits));
+pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>, client: Option<IpAddr>) {
+    let sender = Arc::new(Sender::new(&chat.limits, client));
     socket.on(
         CHAT_MESSAGE,
         move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
@@ -225,10 +262,12 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>) {
     );
 }
 
-/// What one socket's sends are held to: a rate and a number in flight.
+/// What one socket's sends are held to: its rate, its address's, and a number in flight.
 struct Sender {
     /// A token bucket per socket (`limits.messages_per_second`, `limits.message_burst`).
     rate: governor::DefaultDirectRateLimiter,
+    /// The client address whose bucket its sends also take from.
+    client: Option<IpAddr>,
     /// Sends queued for the writer and not answered yet.
     in_flight: AtomicUsize,
     /// Sends refused as too fast since the last one that was not.
@@ -236,22 +275,24 @@ struct Sender {
 }
 
 impl Sender {
-    fn new(limits: &Limits) -> Self {
+    fn new(limits: &Limits, client: Option<IpAddr>) -> Self {
         Self {
             rate: governor::RateLimiter::direct(limits.rate),
+            client,
             in_flight: AtomicUsize::new(0),
             too_fast_in_a_row: AtomicU32::new(0),
         }
     }
 
-    /// Checks a send against the rate, validates it and queues it for the writer; the future
-    /// resolves once it is stored. Every send takes from the bucket, valid or not.
+    /// Checks a send against the rates, validates it and queues it for the writer; the future
+    /// resolves once it is stored. Every send takes from the buckets, valid or not.
     fn queue(
         &self,
         args: Option<Vec<Value>>,
         chat: &Chat,
     ) -> Result<impl Future<Output = Result<Appended, WriteError>> + use<>, InputError> {
-        if self.rate.check().is_err() {
+        let address_allows = |addr| chat.address_rates.check(addr);
+        if self.rate.check().is_err() || !self.client.is_none_or(address_allows) {
             self.too_fast_in_a_row.fetch_add(1, Relaxed);
             return Err(InputError::TooFast);
         }
@@ -317,6 +358,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         rate: governor::Quota::per_second(std::num::NonZeroU32::MIN),
         rate_limited_disconnect_after: 1,
+        address_rate: governor::Quota::per_second(std::num::NonZeroU32::MIN),
         max_message_chars: 5,
         max_client_offset_chars: 4,
         max_in_flight: 8,

@@ -20,7 +20,7 @@ use crate::{
 };
 
 pub use connect::{HandshakeError, requested_offset};
-pub use messages::{EventArgs, InputError, Limits, parse_send};
+pub use messages::{AddressRates, EventArgs, InputError, Limits, parse_send};
 
 /// The event name of the contract, both directions.
 pub const CHAT_MESSAGE: &str = "chat message";
@@ -41,6 +41,8 @@ pub struct Chat {
     pub metrics: Arc<Metrics>,
     /// Set: every handshake must carry a token it verifies.
     pub verifier: Option<Verifier>,
+    /// Each client address's send bucket.
+    pub address_rates: AddressRates,
     /// Sockets per client address, counted for clients behind a trusted proxy (direct peers
     /// are counted by their TCP connections).
     pub per_address: Arc<AddressCounts>,

@@ -555,3 +555,97 @@ async fn the_socket_limits_hold_over_polling_too() {
     assert_eq!(db.count().await, accepted as i64, "the accepted sends only");
     node.stop().await;
 }
+
+/// A client that reconnects gets a fresh bucket for its new socket, not for its address: all
+/// sockets of one address share `limits.address_message_burst` and its rate. A client of
+/// another address is not touched by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_does_not_refill_the_address_bucket() {
+    let db = TestDb::new().await;
+    let settings = TestSettings::new(&db)
+        .set("CHORUS__LIMITS__MESSAGES_PER_SECOND", "1")
+        .set("CHORUS__LIMITS__MESSAGE_BURST", "10")
+        .set("CHORUS__LIMITS__ADDRESS_MESSAGES_PER_SECOND", "1")
+        .set("CHORUS__LIMITS__ADDRESS_MESSAGE_BURST", "15");
+    let node = Node::start(settings.build()).await;
+    let flooder: std::net::IpAddr = [127, 0, 0, 2].into();
+    let started = Instant::now();
+    let mut accepted = 0;
+    for round in 0..3 {
+        let client = Client::connect_from(&node.url, flooder, None)
+            .await
+            .expect("connect");
+        for i in 0..10 {
+            if client
+                .send("again", Some(&format!("f-{round}-{i}")))
+                .await
+                .is_ok()
+            {
+                accepted += 1;
+            }
+        }
+        client.close().await;
+    }
+    let refills = started.elapsed().as_secs_f64().ceil() as usize;
+    assert!(
+        (15..=15 + refills).contains(&accepted),
+        "the address's burst of 15 and {refills} refills, not three sockets' 30: {accepted}"
+    );
+    let other = Client::connect(&node.url, None).await.expect("connect");
+    for i in 0..10 {
+        other
+            .send("another address", Some(&format!("o-{i}")))
+            .await
+            .assert_ok();
+    }
+    assert_eq!(db.count().await, accepted as i64 + 10);
+    node.stop().await;
+}
+
+/// A socket holds at most `limits.max_in_flight` sends awaiting their ack: with the store
+/// unreachable, the first sends wait (no ack), and one more is refused at once as
+/// `rate_limited`. Once the store is back, the retries of the waiting ones are acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_beyond_the_in_flight_bound_are_refused_at_once() {
+    let db = TestDb::new().await;
+    let proxy = chorus_testkit::FaultProxy::start("127.0.0.1:5432").await;
+    let via_proxy = db.url.replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let settings = TestSettings::new(&via_proxy).set("CHORUS__LIMITS__MAX_IN_FLIGHT", "3");
+    let node = Node::start(settings.build()).await;
+    let client = Client::connect(&node.url, None).await.expect("connect");
+
+    proxy.cut();
+    let wait = Duration::from_secs(3);
+    // Written in this order on one websocket, so the node counts the first three first.
+    let (a, b, c, d, e) = tokio::join!(
+        client.try_send("one", Some("i-1"), wait),
+        client.try_send("two", Some("i-2"), wait),
+        client.try_send("three", Some("i-3"), wait),
+        client.try_send("four", Some("i-4"), wait),
+        client.try_send("five", Some("i-5"), wait),
+    );
+    for waiting in [&a, &b, &c] {
+        assert!(
+            waiting.is_err(),
+            "no ack while the store is down: {waiting:?}"
+        );
+    }
+    for refused in [d, e] {
+        let refused = refused.expect("refused at once, not left waiting");
+        assert_eq!(refused.error_code(), Some("rate_limited"), "{refused:?}");
+    }
+
+    proxy.restore();
+    for (content, offset) in [("one", "i-1"), ("two", "i-2"), ("three", "i-3")] {
+        let mut acked = None;
+        for _ in 0..10 {
+            if let Ok(ack) = client.try_send(content, Some(offset), wait).await {
+                acked = Some(ack);
+                break;
+            }
+        }
+        acked.expect("acked once the store is back").assert_ok();
+    }
+    assert_eq!(db.count().await, 3);
+    node.stop().await;
+}

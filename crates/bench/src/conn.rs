@@ -30,6 +30,16 @@ impl Conn {
         })
     }
 
+    /// Like [`Conn::connect`] from the local address `local` (another client address).
+    pub async fn connect_from(base: &str, local: std::net::IpAddr) -> anyhow::Result<Conn> {
+        let stream = transport::tcp_from(base, local).await?;
+        let joined = transport::join_over(stream, base, None, CONNECT_TIMEOUT).await?;
+        Ok(Conn {
+            ws: joined.ws,
+            next_ack: 0,
+        })
+    }
+
     /// Emits `chat message` with `content` and `client_offset`, asking for an ack; returns the
     /// ack id.
     pub async fn emit(&mut self, content: &str, client_offset: &str) -> anyhow::Result<u64> {

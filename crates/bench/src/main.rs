@@ -404,6 +404,8 @@ async fn flood(o: &Options) -> anyhow::Result<()> {
     let defaults = [
         ("CHORUS__LIMITS__MESSAGES_PER_SECOND", "10"),
         ("CHORUS__LIMITS__MESSAGE_BURST", "50"),
+        ("CHORUS__LIMITS__ADDRESS_MESSAGES_PER_SECOND", "100"),
+        ("CHORUS__LIMITS__ADDRESS_MESSAGE_BURST", "500"),
     ];
     let cluster = Cluster::start(System::Chorus, 1, o, &defaults).await?;
     let urls = cluster.urls();

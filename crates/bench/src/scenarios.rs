@@ -522,6 +522,10 @@ pub struct FloodStats {
     pub reconnects: u64,
 }
 
+/// The flooder's local address: loopback, but not the other clients' 127.0.0.1.
+const FLOODER_ADDRESS: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
 /// One abusive client on `url` for `seconds`: sends as fast as its socket takes them, reads and
 /// counts the acks in between, and connects again whenever it is cut off.
 pub async fn flood(url: &str, seconds: f64) -> anyhow::Result<FloodStats> {
@@ -535,7 +539,9 @@ pub async fn flood(url: &str, seconds: f64) -> anyhow::Result<FloodStats> {
         reconnects: 0,
     };
     'connections: while Instant::now() < deadline {
-        let mut conn = Conn::connect(url, None).await?;
+        // From an address of its own, as an abusive client is: the well-behaved clients' share
+        // of their address is theirs.
+        let mut conn = Conn::connect_from(url, FLOODER_ADDRESS).await?;
         while Instant::now() < deadline {
             for _ in 0..SENDS_PER_ROUND {
                 let offset = format!("flood-{}", stats.sent);

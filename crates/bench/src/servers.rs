@@ -101,6 +101,8 @@ impl Server {
                     // The scenarios measure throughput: no sender is held to a chat's rate.
                     .env("CHORUS__LIMITS__MESSAGES_PER_SECOND", "1000000")
                     .env("CHORUS__LIMITS__MESSAGE_BURST", "1000000")
+                    .env("CHORUS__LIMITS__ADDRESS_MESSAGES_PER_SECOND", "1000000")
+                    .env("CHORUS__LIMITS__ADDRESS_MESSAGE_BURST", "1000000")
                     // Every simulated client comes from loopback.
                     .env("CHORUS__TRANSPORT__MAX_CONNECTIONS_PER_ADDRESS", "1000000");
                 cmd

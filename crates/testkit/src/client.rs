@@ -47,6 +47,9 @@ pub enum ClientError {
     /// The websocket or Socket.IO handshake did not finish in time.
     #[error("connect timed out after {0:?} (websocket or Socket.IO handshake not answered)")]
     ConnectTimeout(Duration),
+    /// A TCP connection could not be set up.
+    #[error("tcp: {0}")]
+    Io(std::io::Error),
     /// The server answered the Socket.IO CONNECT with a `connect_error` packet.
     #[error("server rejected the connection: {0}")]
     ConnectRejected(String),
@@ -183,6 +186,22 @@ impl Client {
     /// Connects to `base_url` (like `http://127.0.0.1:3000`) and joins namespace `/`, optionally with `auth`.
     pub async fn connect(base_url: &str, auth: Option<Value>) -> Result<Client, ClientError> {
         let joined = transport::join(base_url, auth.as_ref(), CONNECT_TIMEOUT).await?;
+        Self::start(joined)
+    }
+
+    /// Like [`Client::connect`] from the local address `local` (on loopback, any of
+    /// 127.0.0.0/8): a client of its own address, as the node counts them.
+    pub async fn connect_from(
+        base_url: &str,
+        local: std::net::IpAddr,
+        auth: Option<Value>,
+    ) -> Result<Client, ClientError> {
+        let stream = transport::tcp_from(base_url, local).await?;
+        let joined = transport::join_over(stream, base_url, auth.as_ref(), CONNECT_TIMEOUT).await?;
+        Self::start(joined)
+    }
+
+    fn start(joined: transport::Joined) -> Result<Client, ClientError> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         for event in joined.early_events {
             // The receiver is `events_rx`, held below: this cannot fail.

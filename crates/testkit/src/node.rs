@@ -36,6 +36,8 @@ impl TestSettings {
             // Tests send as fast as they can; the rate limit's own tests set it low.
             .set("CHORUS__LIMITS__MESSAGES_PER_SECOND", "1000000")
             .set("CHORUS__LIMITS__MESSAGE_BURST", "1000000")
+            .set("CHORUS__LIMITS__ADDRESS_MESSAGES_PER_SECOND", "1000000")
+            .set("CHORUS__LIMITS__ADDRESS_MESSAGE_BURST", "1000000")
     }
 
     /// Cluster mode on the Redis at `url`, under the key prefix `prefix`.

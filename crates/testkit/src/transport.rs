@@ -72,6 +72,29 @@ pub async fn join_over(
     .await
 }
 
+/// A TCP connection to `base_url`'s host and port from the local address `local` (any of
+/// 127.0.0.0/8 on loopback): a client of another address, as the node counts them.
+pub async fn tcp_from(base_url: &str, local: std::net::IpAddr) -> Result<TcpStream, ClientError> {
+    let authority = base_url
+        .split_once("://")
+        .map(|(_, rest)| rest.trim_end_matches('/'))
+        .ok_or_else(|| ClientError::InvalidUrl(base_url.to_owned()))?;
+    let server: std::net::SocketAddr = authority
+        .parse()
+        .map_err(|_| ClientError::InvalidUrl(base_url.to_owned()))?;
+    let socket = match local {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(ClientError::Io)?;
+    socket
+        .bind(std::net::SocketAddr::new(local, 0))
+        .map_err(ClientError::Io)?;
+    let stream = socket.connect(server).await.map_err(ClientError::Io)?;
+    stream.set_nodelay(true).map_err(ClientError::Io)?;
+    Ok(stream)
+}
+
 /// Opens the websocket to `base_url`'s endpoint with `open` and joins `/`, within `limit`.
 async fn join_by<F, Fut, R>(
     base_url: &str,
