@@ -103,6 +103,10 @@ pub struct TransportSettings {
     /// closed, and what was queued for it is freed.
     #[serde(rename = "write_stall_timeout_ms", deserialize_with = "millis")]
     pub write_stall_timeout: Duration,
+    /// The kernel send buffer of each accepted connection (`SO_SNDBUF`), which bounds what an
+    /// unread connection holds in the kernel; 0 leaves the kernel's autotuning (up to
+    /// `net.ipv4.tcp_wmem`'s maximum, 4 MiB by default).
+    pub socket_send_buffer_bytes: usize,
     /// An Engine.IO session must join the chat (send its Socket.IO `CONNECT`) within this long.
     #[serde(rename = "handshake_timeout_ms", deserialize_with = "millis")]
     pub handshake_timeout: Duration,
@@ -343,6 +347,7 @@ max_connections = 100000
 max_connections_per_address = 256
 trusted_proxies = ""
 write_stall_timeout_ms = 30000
+socket_send_buffer_bytes = 0
 handshake_timeout_ms = 10000
 
 [access]

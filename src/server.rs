@@ -17,7 +17,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
-    time::Sleep,
+    time::{Instant, Sleep},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
@@ -47,6 +47,8 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// A write pending this long (the peer's window stays shut) closes the connection.
     pub write_stall_timeout: Duration,
+    /// `SO_SNDBUF` of each accepted connection; 0 leaves the kernel's autotuning.
+    pub socket_send_buffer_bytes: usize,
     /// Load balancers: their connections are not counted per address (their clients' sockets
     /// are, by the chat).
     pub trusted_proxies: TrustedProxies,
@@ -59,6 +61,7 @@ impl From<&TransportSettings> for HttpLimits {
             max_header_bytes: settings.max_header_bytes,
             max_connections: settings.max_connections,
             write_stall_timeout: settings.write_stall_timeout,
+            socket_send_buffer_bytes: settings.socket_send_buffer_bytes,
             trusted_proxies: settings.trusted_proxies(),
         }
     }
@@ -114,6 +117,12 @@ pub async fn serve(
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(error = %error, "could not set TCP_NODELAY");
         }
+        if limits.socket_send_buffer_bytes > 0
+            && let Err(error) =
+                socket2::SockRef::from(&tcp).set_send_buffer_size(limits.socket_send_buffer_bytes)
+        {
+            tracing::debug!(error = %error, "could not set SO_SNDBUF");
+        }
         open_gauge.inc();
         let place = Place {
             _permit: permit,
@@ -129,7 +138,8 @@ pub async fn serve(
         let stream = Connection {
             tcp,
             stall_timeout: limits.write_stall_timeout,
-            stalled: None,
+            stalled_since: None,
+            deadline: None,
             failed: false,
             reader: None,
             _place: place,
@@ -174,8 +184,12 @@ fn refuse(tcp: TcpStream, why: &str) {
 struct Connection {
     tcp: TcpStream,
     stall_timeout: Duration,
-    /// Armed when a write finds the socket full; reset by any write that goes through.
-    stalled: Option<Pin<Box<Sleep>>>,
+    /// Since when writes have found the socket full; cleared by any write that goes through.
+    stalled_since: Option<Instant>,
+    /// Made at the first stall and kept: a write that goes through leaves it armed (cancelling
+    /// and re-arming a timer on every full socket costs more than a spurious wake-up), and one
+    /// that fires for an earlier stall is re-armed for the current one.
+    deadline: Option<Pin<Box<Sleep>>>,
     failed: bool,
     /// The task waiting to read, woken when a stalled write fails the connection.
     reader: Option<Waker>,
@@ -210,26 +224,30 @@ impl Connection {
         cx: &mut Context<'_>,
         polled: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
-        match polled {
-            Poll::Ready(result) => {
-                self.stalled = None;
-                Poll::Ready(result)
+        if polled.is_ready() {
+            self.stalled_since = None;
+            return polled;
+        }
+        let since = *self.stalled_since.get_or_insert_with(Instant::now);
+        let due = since + self.stall_timeout;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        loop {
+            if deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
-            Poll::Pending => {
-                let timeout = self.stall_timeout;
-                let deadline = self
-                    .stalled
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                if deadline.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                tracing::debug!("closing a connection whose peer stopped reading");
-                self.failed = true;
-                if let Some(reader) = self.reader.take() {
-                    reader.wake();
-                }
-                Poll::Ready(Err(stalled()))
+            if Instant::now() < due {
+                // It fired for an earlier stall.
+                deadline.as_mut().reset(due);
+                continue;
             }
+            tracing::debug!("closing a connection whose peer stopped reading");
+            self.failed = true;
+            if let Some(reader) = self.reader.take() {
+                reader.wake();
+            }
+            return Poll::Ready(Err(stalled()));
         }
     }
 }

@@ -304,6 +304,9 @@ async fn a_peer_that_stops_reading_is_released() {
     let db = TestDb::new().await;
     let settings = TestSettings::new(&db)
         .set("CHORUS__TRANSPORT__WRITE_STALL_TIMEOUT_MS", "1000")
+        // A small fixed kernel buffer, which the sends below surely fill (autotuned, it may
+        // grow to 4 MiB).
+        .set("CHORUS__TRANSPORT__SOCKET_SEND_BUFFER_BYTES", "16384")
         // The feed's own cut-off would also end it; this test is about the stalled write.
         .set("CHORUS__TRANSPORT__SLOW_CONSUMER_TIMEOUT_MS", "600000");
     let node = Node::start(settings.build()).await;

@@ -277,7 +277,13 @@ async fn a_slow_consumer_is_cut_off_and_the_others_do_not_wait() {
             // A buffer of 64 packets must hold a full batch plus the socket's own acks.
             .set("CHORUS__STORE__BATCH_MAX", "32")
             .set("CHORUS__LIMITS__MAX_IN_FLIGHT", "32")
-            .set("CHORUS__TRANSPORT__SLOW_CONSUMER_TIMEOUT_MS", "2000"),
+            .set("CHORUS__TRANSPORT__SLOW_CONSUMER_TIMEOUT_MS", "2000")
+            // The kernel's autotuning let a node's send buffer grow to 4 MiB, which the load
+            // took up to a minute or more to fill (the test timed out about one run in six):
+            // a small fixed one fills in a second.
+            .set("CHORUS__TRANSPORT__SOCKET_SEND_BUFFER_BYTES", "16384")
+            // The feed's cut-off is under test, not the stalled-write deadline.
+            .set("CHORUS__TRANSPORT__WRITE_STALL_TIMEOUT_MS", "600000"),
     );
     let mut run = Loaded::start(Lb::Nginx, db, &setup).await;
     run.progress(100).await;
