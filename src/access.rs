@@ -202,8 +202,6 @@ pub enum TokenError {
 
 /// Longest accepted `sub`, in characters.
 const MAX_ID_CHARS: usize = 128;
-/// Longest accepted display name, in characters.
-const MAX_NAME_CHARS: usize = 32;
 
 #[derive(Deserialize)]
 struct Claims {
@@ -275,17 +273,11 @@ impl Verifier {
             })?
             .claims;
         let id = claims.sub;
-        let name = claims.name.unwrap_or_else(|| id.clone());
-        let name = name.trim();
-        let usable = !id.is_empty()
-            && id.chars().count() <= MAX_ID_CHARS
-            && !name.is_empty()
-            && name.chars().count() <= MAX_NAME_CHARS
-            && !name.chars().any(|c| c.is_control() || c == '|')
-            && !name.starts_with('@');
-        if !usable {
+        if id.is_empty() || id.chars().count() > MAX_ID_CHARS {
             return Err(TokenError::Unauthorized);
         }
+        let name = crate::names::display_name(claims.name.as_deref().unwrap_or(&id))
+            .map_err(|_| TokenError::Unauthorized)?;
         Ok(User {
             name: name.into(),
             id: id.into(),

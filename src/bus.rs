@@ -33,8 +33,9 @@ const PUBLISH_QUEUE: usize = 4096;
 struct Envelope<'a> {
     /// The publishing node, so it can skip its own batches.
     node: Cow<'a, str>,
-    /// `(offset, content)` pairs.
-    messages: Vec<(i64, Cow<'a, str>)>,
+    /// `(offset, content, name, at)` tuples. A node of the version before names sent pairs,
+    /// which do not decode: the receiver's gap fill reads those batches from the store.
+    messages: Vec<(i64, Cow<'a, str>, Cow<'a, str>, i64)>,
 }
 
 /// The sending half of the bus, held by the writer.
@@ -98,7 +99,14 @@ async fn publish(
             node: Cow::Borrowed(&node),
             messages: batch
                 .iter()
-                .map(|m| (m.offset, Cow::Borrowed(m.content.as_str())))
+                .map(|m| {
+                    (
+                        m.offset,
+                        Cow::Borrowed(m.content.as_str()),
+                        Cow::Borrowed(m.name.as_str()),
+                        m.at,
+                    )
+                })
                 .collect(),
         };
         let payload = match serde_json::to_string(&envelope) {
@@ -155,12 +163,19 @@ async fn receive(
             Ok(envelope) if *envelope.node == *node => {}
             Ok(envelope) => {
                 metrics.bus_received.inc_by(envelope.messages.len() as u64);
-                feed.ingest(envelope.messages.into_iter().map(|(offset, content)| {
-                    Arc::new(Message {
-                        offset,
-                        content: content.into_owned(),
-                    })
-                }));
+                feed.ingest(
+                    envelope
+                        .messages
+                        .into_iter()
+                        .map(|(offset, content, name, at)| {
+                            Arc::new(Message {
+                                offset,
+                                content: content.into_owned(),
+                                name: name.into_owned(),
+                                at,
+                            })
+                        }),
+                );
             }
             Err(error) => {
                 metrics.error(ErrorKind::Bus);

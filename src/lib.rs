@@ -5,6 +5,7 @@
 //! - [`app`]: builds a node from settings (single or cluster mode) and runs it until shutdown.
 //! - [`runtime`]: what every background part of a node shares: metrics, tasks, the stop signal.
 //! - [`access`]: who may open a socket: allowed origins, and signed handshake tokens.
+//! - [`names`]: what a person may be called.
 //! - [`peers`]: who a connection is from (behind trusted proxies too) and how many each holds.
 //! - [`chat`]: the Socket.IO side: handshake (auth, replay) and `chat message` sends.
 //! - [`writer`]: group commit: stores sends in batches, then feeds, publishes and acks.
@@ -32,6 +33,7 @@ pub mod feed;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod names;
 pub mod peers;
 pub mod recovery;
 pub mod redis;

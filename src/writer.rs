@@ -244,10 +244,7 @@ fn fresh_messages(
         .iter()
         .zip(unique)
         .filter_map(|(outcome, m)| match outcome {
-            Ok(Appended::Inserted(offset)) => Some(Arc::new(Message {
-                offset: *offset,
-                content: m.content,
-            })),
+            Ok(Appended::Inserted(offset)) => Some(Arc::new(Message::stored(*offset, &m))),
             _ => None,
         })
         .collect()
@@ -272,6 +269,8 @@ mod tests {
         NewMessage {
             client_offset: offset.map(str::to_owned),
             content: content.to_owned(),
+            name: "ada".to_owned(),
+            at: 0,
         }
     }
 

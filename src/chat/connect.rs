@@ -7,7 +7,14 @@ use serde_json::Value;
 use socketioxide::{adapter::Adapter, extract::SocketRef, socket::DisconnectReason};
 
 use super::{CHAT_MESSAGE, Chat, SocketSink, messages};
-use crate::{access::TokenError, config::History, metrics::ErrorKind, peers::PeerAddr};
+use crate::{
+    access::TokenError,
+    config::History,
+    metrics::ErrorKind,
+    names::{NameError, display_name},
+    peers::PeerAddr,
+    store::ANONYMOUS,
+};
 
 /// Why a handshake was refused; the client gets a `connect_error` with this message.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +25,12 @@ pub enum HandshakeError {
     /// The client's address holds its most sockets already (behind a trusted proxy).
     #[error("too_many_connections")]
     TooManyConnections,
+    /// `auth.name` is not a usable name (open mode).
+    #[error("auth.name: {0}")]
+    BadName(#[from] NameError),
+    /// `auth.name` is present but not a string.
+    #[error("auth.name must be a string")]
+    NameNotString,
     /// `auth` was present but is not an object.
     #[error("auth must be an object such as {{ \"serverOffset\": 0 }}")]
     NotAnObject,
@@ -71,8 +84,8 @@ pub(super) async fn check_handshake<A: Adapter>(
     chat: Arc<Chat>,
 ) -> Result<(), HandshakeError> {
     match admit(socket, auth, &chat).await {
-        Ok(client) => {
-            messages::wire(socket, chat, client);
+        Ok(Admitted { client, name }) => {
+            messages::wire(socket, chat, client, name);
             Ok(())
         }
         Err(error) => {
@@ -82,16 +95,31 @@ pub(super) async fn check_handshake<A: Adapter>(
     }
 }
 
-/// Checks a handshake; the client's address when it is known.
+/// Who a handshake admitted.
+struct Admitted {
+    /// The client's address, when it is known.
+    client: Option<IpAddr>,
+    /// The name its messages carry.
+    name: String,
+}
+
+/// Checks a handshake.
 async fn admit<A: Adapter>(
     socket: &SocketRef<A>,
     auth: Result<Value, socketioxide::ParserError>,
     chat: &Chat,
-) -> Result<Option<IpAddr>, HandshakeError> {
+) -> Result<Admitted, HandshakeError> {
     let auth = auth.map_err(|_| HandshakeError::NotAnObject)?;
-    if let Some(verifier) = &chat.verifier {
-        socket.extensions.insert(verifier.verify(Some(&auth))?);
-    }
+    // With tokens, the name is the token's, never the client's word.
+    let name = match &chat.verifier {
+        Some(verifier) => {
+            let user = verifier.verify(Some(&auth))?;
+            let name = user.name.to_string();
+            socket.extensions.insert(user);
+            name
+        }
+        None => requested_name(&auth)?,
+    };
     let requested = requested_offset(Some(&auth))?;
     if let Some(requested) = requested
         && requested > chat.feed.head()
@@ -112,7 +140,7 @@ async fn admit<A: Adapter>(
     }
     let parts = socket.req_parts();
     let Some(PeerAddr(peer)) = parts.extensions.get::<PeerAddr>() else {
-        return Ok(None);
+        return Ok(Admitted { client: None, name });
     };
     let client = chat.trusted_proxies.client(peer.ip(), &parts.headers);
     // A direct peer's connections are counted at accept; a proxied client's sockets here.
@@ -123,7 +151,19 @@ async fn admit<A: Adapter>(
             .ok_or(HandshakeError::TooManyConnections)?;
         socket.extensions.insert(Arc::new(place));
     }
-    Ok(Some(client))
+    Ok(Admitted {
+        client: Some(client),
+        name,
+    })
+}
+
+/// The name an open-mode handshake gives (`auth.name`), or `anonymous` without one.
+pub fn requested_name(auth: &Value) -> Result<String, HandshakeError> {
+    match auth.get("name") {
+        None | Some(Value::Null) => Ok(ANONYMOUS.to_owned()),
+        Some(Value::String(raw)) => Ok(display_name(raw)?),
+        Some(_) => Err(HandshakeError::NameNotString),
+    }
 }
 
 /// A socket joined (its `chat message` handler is already wired): watch its disconnect, then
@@ -191,5 +231,16 @@ mod tests {
             assert!(err.to_string().contains("serverOffset"), "{err}");
         }
         assert!(requested_offset(Some(&json!("x"))).is_err());
+    }
+
+    #[test]
+    fn names_come_from_auth_or_are_anonymous() {
+        assert_eq!(requested_name(&json!({})).unwrap(), "anonymous");
+        assert_eq!(requested_name(&json!({"name": null})).unwrap(), "anonymous");
+        assert_eq!(requested_name(&json!({"name": " Ada "})).unwrap(), "Ada");
+        for bad in [json!(""), json!("@x"), json!("a|b"), json!(7)] {
+            let err = requested_name(&json!({ "name": bad })).unwrap_err();
+            assert!(err.to_string().contains("auth.name"), "{err}");
+        }
     }
 }

@@ -20,7 +20,7 @@ use super::{CHAT_MESSAGE, Chat};
 use crate::{
     config::LimitSettings,
     metrics::{ErrorKind, Metrics},
-    store::{Appended, NewMessage},
+    store::{Appended, NewMessage, now_ms},
     writer::WriteError,
 };
 
@@ -182,8 +182,29 @@ impl<'de> serde::Deserialize<'de> for EventArgs {
     }
 }
 
-/// Turns a send's arguments `(content, clientOffset?)` into a message to store.
-pub fn parse_send(args: &[Value], limits: &Limits) -> Result<NewMessage, InputError> {
+/// A send's arguments, checked: what the client asked to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidSend {
+    /// The client's idempotency key, if it sent one.
+    pub client_offset: Option<String>,
+    /// The text.
+    pub content: String,
+}
+
+impl ValidSend {
+    /// The message to store: this send by `name`, accepted at `at`.
+    pub fn by(self, name: &str, at: i64) -> NewMessage {
+        NewMessage {
+            client_offset: self.client_offset,
+            content: self.content,
+            name: name.to_owned(),
+            at,
+        }
+    }
+}
+
+/// Checks a send's arguments `(content, clientOffset?)`.
+pub fn parse_send(args: &[Value], limits: &Limits) -> Result<ValidSend, InputError> {
     let content = match args.first() {
         Some(Value::String(s)) => s,
         _ => return Err(InputError::ContentNotString),
@@ -213,20 +234,25 @@ pub fn parse_send(args: &[Value], limits: &Limits) -> Result<NewMessage, InputEr
         }
         Some(_) => return Err(InputError::ClientOffsetNotString),
     };
-    Ok(NewMessage {
+    Ok(ValidSend {
         client_offset,
         content: content.clone(),
     })
 }
 
-/// Registers `chat message` on a socket the handshake admitted, whose sends count against its
-/// own bucket and, when its client address is known, that address's.
+/// Registers `chat message` on a socket the handshake admitted, whose sends carry `name` and
+/// count against its own bucket and, when its client address is known, that address's.
 ///
 /// The send is validated and queued for the writer in the handler itself, not in the future it
 /// returns, so a client's pipelined sends are stored in the order it sent them
 /// (`docs/DESIGN.md`, "Write path").
-pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: Arc<Chat>, client: Option<IpAddr>) {
-    let sender = Arc::new(Sender::new(&chat.limits, client));
+pub(super) fn wire<A: Adapter>(
+    socket: &SocketRef<A>,
+    chat: Arc<Chat>,
+    client: Option<IpAddr>,
+    name: String,
+) {
+    let sender = Arc::new(Sender::new(&chat.limits, client, name));
     socket.on(
         CHAT_MESSAGE,
         move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
@@ -268,6 +294,8 @@ struct Sender {
     rate: governor::DefaultDirectRateLimiter,
     /// The client address whose bucket its sends also take from.
     client: Option<IpAddr>,
+    /// Who sends: the name its messages carry.
+    name: String,
     /// Sends queued for the writer and not answered yet.
     in_flight: AtomicUsize,
     /// Sends refused as too fast since the last one that was not.
@@ -275,10 +303,11 @@ struct Sender {
 }
 
 impl Sender {
-    fn new(limits: &Limits, client: Option<IpAddr>) -> Self {
+    fn new(limits: &Limits, client: Option<IpAddr>, name: String) -> Self {
         Self {
             rate: governor::RateLimiter::direct(limits.rate),
             client,
+            name,
             in_flight: AtomicUsize::new(0),
             too_fast_in_a_row: AtomicU32::new(0),
         }
@@ -298,7 +327,7 @@ impl Sender {
         }
         self.too_fast_in_a_row.store(0, Relaxed);
         let message = match args {
-            Some(args) => parse_send(&args, &chat.limits)?,
+            Some(args) => parse_send(&args, &chat.limits)?.by(&self.name, now_ms()),
             None => return Err(InputError::ContentNotString),
         };
         if self.in_flight.fetch_add(1, Relaxed) >= chat.limits.max_in_flight {

@@ -19,8 +19,8 @@ use crate::{
     writer::Writer,
 };
 
-pub use connect::{HandshakeError, requested_offset};
-pub use messages::{AddressRates, EventArgs, InputError, Limits, parse_send};
+pub use connect::{HandshakeError, requested_name, requested_offset};
+pub use messages::{AddressRates, EventArgs, InputError, Limits, ValidSend, parse_send};
 
 /// The event name of the contract, both directions.
 pub const CHAT_MESSAGE: &str = "chat message";
@@ -78,11 +78,21 @@ impl<A: Adapter> Sink for SocketSink<A> {
     fn send(&self, message: &Message) -> Result<(), SinkError> {
         use socketioxide::{SendError, SocketError};
         #[derive(Serialize)]
-        struct Args<'a>(&'a str, i64);
-        match self
-            .0
-            .emit(CHAT_MESSAGE, &Args(&message.content, message.offset))
-        {
+        struct Sent<'a> {
+            name: &'a str,
+            at: i64,
+        }
+        #[derive(Serialize)]
+        struct Args<'a>(&'a str, i64, Sent<'a>);
+        let args = Args(
+            &message.content,
+            message.offset,
+            Sent {
+                name: &message.name,
+                at: message.at,
+            },
+        );
+        match self.0.emit(CHAT_MESSAGE, &args) {
             Ok(()) => Ok(()),
             Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(SinkError::Full),
             Err(SendError::Socket(SocketError::Closed)) => Err(SinkError::Closed),

@@ -1,6 +1,6 @@
 -- Appends a batch of released messages to the recovery stream in one call.
--- KEYS[1]: the stream. ARGV[1]: its approximate length cap. Then offset, content pairs in
--- offset order. Every node appends every message, so offsets at or below the stream's last
+-- KEYS[1]: the stream. ARGV[1]: its approximate length cap. Then offset, content, name, time
+-- quadruples in offset order (fields c, n and t). Every node appends every message, so offsets at or below the stream's last
 -- entry are skipped (another node appended them first). An XADD still refused as too small
 -- (every entry was trimmed by age, but the stream's last id remains) is skipped the same way;
 -- any other failure is returned. Returns how many entries were added.
@@ -9,9 +9,9 @@ local last = -1
 local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
 if #top > 0 then last = tonumber(string.match(top[1][1], '^%d+')) end
 local added = 0
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 4 do
   if tonumber(ARGV[i]) > last then
-    local r = redis.pcall('XADD', key, ARGV[i] .. '-0', 'c', ARGV[i + 1])
+    local r = redis.pcall('XADD', key, ARGV[i] .. '-0', 'c', ARGV[i + 1], 'n', ARGV[i + 2], 't', ARGV[i + 3])
     if type(r) == 'table' and r.err then
       if not string.find(r.err, 'equal or smaller', 1, true) then return r end
     else

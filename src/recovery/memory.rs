@@ -105,6 +105,8 @@ mod tests {
         Arc::new(Message {
             offset,
             content: format!("m{offset}"),
+            name: String::new(),
+            at: 0,
         })
     }
 
@@ -133,6 +135,8 @@ mod tests {
             Arc::new(Message {
                 offset,
                 content: "x".repeat(1000),
+                name: String::new(),
+                at: 0,
             })
         };
         let per_entry = entry_bytes(&big(1));

@@ -41,13 +41,14 @@ impl From<&RecoverySettings> for Retention {
     }
 }
 
-/// What one entry counts against `Retention::max_bytes`: its content and a fixed overhead for
-/// its id and bookkeeping, so that a flood of tiny messages is counted too.
+/// What one entry counts against `Retention::max_bytes`: its content and sender's name and a
+/// fixed overhead for its id, time and bookkeeping, so that a flood of tiny messages is
+/// counted too.
 pub fn entry_bytes(message: &Message) -> usize {
-    /// About what an entry costs beyond its content (a stream entry's id and field, or the
-    /// in-process queue's slot and `Arc`).
+    /// About what an entry costs beyond its content and name (a stream entry's id, fields and
+    /// time, or the in-process queue's slot and `Arc`).
     const ENTRY_OVERHEAD: usize = 64;
-    message.content.len() + ENTRY_OVERHEAD
+    message.content.len() + message.name.len() + ENTRY_OVERHEAD
 }
 
 /// Why the log could not be read (the caller reads the store instead).

@@ -40,6 +40,10 @@ pub struct StreamLog {
 
 /// The one field of each stream entry (the append script writes it as `c`).
 const CONTENT: &str = "c";
+/// The field holding the sender's name.
+const NAME: &str = "n";
+/// The field holding the time the message was accepted (milliseconds since the Unix epoch).
+const AT: &str = "t";
 /// Most messages per append command.
 const APPEND_BATCH: usize = 1024;
 /// Released batches waiting for the appender. Bounded: if Redis is slower than the feed,
@@ -110,11 +114,26 @@ impl RecoveryLog for StreamLog {
                 if offset != next {
                     break;
                 }
-                let content = fields
-                    .into_iter()
-                    .find_map(|(k, v)| (k == CONTENT).then_some(v))
-                    .ok_or(ReadError::Malformed(id))?;
-                page.push(Arc::new(Message { offset, content }));
+                // An entry without a name or time (appended by the version before names) is
+                // unreadable: the feed then reads the store.
+                let (mut content, mut name, mut at) = (None, None, None);
+                for (field, value) in fields {
+                    match field.as_str() {
+                        CONTENT => content = Some(value),
+                        NAME => name = Some(value),
+                        AT => at = value.parse::<i64>().ok(),
+                        _ => {}
+                    }
+                }
+                let (Some(content), Some(name), Some(at)) = (content, name, at) else {
+                    return Err(ReadError::Malformed(id));
+                };
+                page.push(Arc::new(Message {
+                    offset,
+                    content,
+                    name,
+                    at,
+                }));
             }
             Ok(page)
         })
@@ -202,11 +221,13 @@ impl AppendScript {
         // The arguments are built per attempt: a retry after a reload is rare, and cloning them
         // on every call is not.
         let args = || {
-            let mut args = Vec::with_capacity(1 + 2 * batch.len());
+            let mut args = Vec::with_capacity(1 + 4 * batch.len());
             args.push(Value::Integer(max_len));
             for message in batch {
                 args.push(Value::Integer(message.offset));
                 args.push(Value::String(message.content.as_str().into()));
+                args.push(Value::String(message.name.as_str().into()));
+                args.push(Value::Integer(message.at));
             }
             args
         };
@@ -327,6 +348,8 @@ mod tests {
             Arc::new(Message {
                 offset,
                 content: "x".repeat(936),
+                name: String::new(),
+                at: 0,
             })
         };
         // 1000 bytes an entry with the overhead; room for 200.

@@ -21,6 +21,10 @@ pub struct NewMessage {
     pub client_offset: Option<String>,
     /// The text.
     pub content: String,
+    /// Who sent it: not part of its identity (a retry is the same message whoever sends it).
+    pub name: String,
+    /// When the node accepted it, in milliseconds since the Unix epoch.
+    pub at: i64,
 }
 
 /// A stored message: its offset is its position in the one total order.
@@ -30,6 +34,32 @@ pub struct Message {
     pub offset: i64,
     /// The text.
     pub content: String,
+    /// Its sender's name.
+    pub name: String,
+    /// When it was accepted, in milliseconds since the Unix epoch.
+    pub at: i64,
+}
+
+impl Message {
+    /// The stored form of `message` at `offset`.
+    pub fn stored(offset: i64, message: &NewMessage) -> Self {
+        Self {
+            offset,
+            content: message.content.clone(),
+            name: message.name.clone(),
+            at: message.at,
+        }
+    }
+}
+
+/// The name of a sender who gave none.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Now, in milliseconds since the Unix epoch (the time a message is given when it is accepted).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// What `append` did with one input message.
@@ -176,7 +206,7 @@ where
         Box::pin(timed(
             self.timeout,
             sqlx::query_as(
-                r#"select id as "offset", content from messages where id > $1 order by id limit $2"#,
+                r#"select id as "offset", content, name, at_ms as "at" from messages where id > $1 order by id limit $2"#,
             )
             .bind(after)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))

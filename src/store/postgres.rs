@@ -35,11 +35,15 @@ impl Dialect for sqlx::Postgres {
             let offsets: Vec<Option<&str>> =
                 batch.iter().map(|m| m.client_offset.as_deref()).collect();
             let contents: Vec<&str> = batch.iter().map(|m| m.content.as_str()).collect();
+            let names: Vec<&str> = batch.iter().map(|m| m.name.as_str()).collect();
+            let ats: Vec<i64> = batch.iter().map(|m| m.at).collect();
             let rows: Vec<(i64, i64, bool)> = timed(
                 store.timeout,
-                sqlx::query_as("select o_ord, o_id, o_inserted from chorus_append($1, $2)")
+                sqlx::query_as("select o_ord, o_id, o_inserted from chorus_append($1, $2, $3, $4)")
                     .bind(offsets)
                     .bind(contents)
+                    .bind(names)
+                    .bind(ats)
                     .fetch_all(&store.pool),
             )
             .await?;

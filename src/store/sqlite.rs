@@ -47,12 +47,16 @@ impl SqliteStore {
                 }
             }
             head += 1;
-            sqlx::query("insert into messages (id, client_offset, content) values (?, ?, ?)")
-                .bind(head)
-                .bind(message.client_offset.as_deref())
-                .bind(message.content.as_str())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "insert into messages (id, client_offset, content, name, at_ms) values (?, ?, ?, ?, ?)",
+            )
+            .bind(head)
+            .bind(message.client_offset.as_deref())
+            .bind(message.content.as_str())
+            .bind(message.name.as_str())
+            .bind(message.at)
+            .execute(&mut *tx)
+            .await?;
             out.push(Appended::Inserted(head));
         }
         tx.commit().await?;

@@ -65,6 +65,8 @@ async fn a_replay_of_20000_missed_messages_arrives_complete_and_in_order() {
             .map(|i| NewMessage {
                 client_offset: Some(format!("seed-{}", chunk * 1000 + i)),
                 content: format!("seed {}", chunk * 1000 + i + 1),
+                name: "seed".to_owned(),
+                at: 0,
             })
             .collect();
         store.append(&batch).await.expect("seed");

@@ -313,8 +313,10 @@ async fn a_slow_consumer_is_cut_off_and_the_others_do_not_wait() {
         "delivery latency p99 of the other clients: {without} ms without, {with} ms with a slow consumer"
     );
     // A slow consumer that held the others up would show as its timeout (2 s) in their p99.
+    // Measured here: about 10-80 ms without and 100-170 ms with on an idle machine, up to 1 s
+    // with on a loaded one, so the bound is the signature of waiting, not a ratio.
     assert!(
-        with <= without * 3.0 + 250.0,
-        "p99 went from {without} ms to {with} ms with a slow consumer"
+        with < 1500.0,
+        "p99 went from {without} ms to {with} ms with a slow consumer: the others waited for it"
     );
 }

@@ -6,6 +6,7 @@ mod cluster;
 mod deploy;
 mod faults;
 mod input;
+mod names;
 mod recovery;
 mod support;
 mod topology;

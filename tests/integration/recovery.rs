@@ -351,6 +351,8 @@ async fn two_logs_appending_the_same_offsets_leave_one_contiguous_stream() {
                 Arc::new(Message {
                     offset,
                     content: format!("{node}:{offset}"),
+                    name: node.to_owned(),
+                    at: 0,
                 })
             })
             .collect()
@@ -425,6 +427,8 @@ async fn the_stream_is_trimmed_by_bytes() {
                 Arc::new(Message {
                     offset,
                     content: content.clone(),
+                    name: String::new(),
+                    at: 0,
                 })
             })
             .collect();

@@ -349,6 +349,23 @@ impl Client {
         }
     }
 
+    /// The next `chat message` with its sender and time: `(content, offset, name, at)`.
+    pub async fn next_chat_message_from(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(String, i64, String, i64), ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (name, args) = self.next_event(left).await?;
+            if name == CHAT_MESSAGE {
+                let (content, offset) = codec::parse_chat_message(&args)?;
+                let (sender, at) = codec::parse_sender(&args)?;
+                return Ok((content, offset, sender, at));
+            }
+        }
+    }
+
     /// Sends `text` as one raw websocket text frame, with no Socket.IO framing added.
     pub async fn send_raw(&self, text: String) -> Result<(), ClientError> {
         self.send_frame(Message::text(text)).await

@@ -250,6 +250,20 @@ pub fn parse_chat_message(args: &[Value]) -> Result<(String, i64), ProtocolError
     }
 }
 
+/// The sender and time of a `chat message`'s third argument, `{ name, at }`.
+pub fn parse_sender(args: &[Value]) -> Result<(String, i64), ProtocolError> {
+    let sent = args
+        .get(2)
+        .ok_or_else(|| protocol("chat message without its { name, at }"))?;
+    match (
+        sent.get("name").and_then(Value::as_str),
+        sent.get("at").and_then(Value::as_i64),
+    ) {
+        (Some(name), Some(at)) => Ok((name.to_owned(), at)),
+        _ => Err(protocol(format!("not a {{ name, at }}: {sent}"))),
+    }
+}
+
 /// Does an ack's first argument carry the contract's `{ error: { code, message } }`?
 pub fn ack_error(args: &[Value]) -> Option<&Value> {
     args.first()?.get("error")
@@ -301,20 +315,18 @@ pub fn decode_lean(text: &str) -> Lean<'_> {
     Lean::Other
 }
 
-/// The fast path of a chat message after `42["chat message",`: `"content",offset]`, when the
-/// content has no escapes.
+/// The fast path of a chat message after `42["chat message",`: `"content",offset]` or
+/// `"content",offset,{...}]` (the sender and time, not read here), when the content has no
+/// escapes.
 fn lean_chat_message(rest: &str) -> Option<Lean<'_>> {
     let rest = rest.strip_prefix('"')?;
     let (content, rest) = rest.split_once('"')?;
     if content.contains('\\') {
         return None;
     }
-    let offset = rest
-        .strip_prefix(',')?
-        .strip_suffix(']')?
-        .trim()
-        .parse()
-        .ok()?;
+    let rest = rest.strip_prefix(',')?;
+    let end = rest.find([',', ']'])?;
+    let offset = rest[..end].trim().parse().ok()?;
     Some(Lean::ChatMessage {
         content: Cow::Borrowed(content),
         offset,
@@ -576,6 +588,13 @@ mod tests {
         assert_eq!(
             decode_lean("433[{\"error\":{\"code\":\"x\"}}]"),
             Lean::Ack { id: 3, error: true }
+        );
+        assert_eq!(
+            decode_lean("42[\"chat message\",\"hi\",18,{\"name\":\"Ada\",\"at\":1}]"),
+            Lean::ChatMessage {
+                content: Cow::Borrowed("hi"),
+                offset: 18
+            }
         );
         assert_eq!(decode_lean("2"), Lean::Ping(""));
         assert_eq!(decode_lean("2probe"), Lean::Ping("probe"));
