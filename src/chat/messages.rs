@@ -350,10 +350,20 @@ fn answer<A: Adapter>(
     ack: AckSender<A>,
     result: Result<Appended, WriteError>,
 ) {
+    /// The success ack's payload: where the message is in the order.
+    #[derive(Serialize)]
+    struct Committed {
+        #[serde(rename = "serverOffset")]
+        server_offset: i64,
+    }
     match result {
-        // Stored now or before: either way the client may stop retrying.
-        Ok(_) => {
-            if let Err(error) = ack.send(&()) {
+        // Stored now or before: either way the client may stop retrying. Error-first, as the
+        // error ack: `null`, then the message's offset, so a page can confirm its own message.
+        Ok(Appended::Inserted(offset) | Appended::Existing(offset)) => {
+            let committed = Committed {
+                server_offset: offset,
+            };
+            if let Err(error) = ack.send(&(None::<()>, committed)) {
                 // The ack is lost (socket gone or its buffer full); the client retries and the
                 // retry is acked as a duplicate.
                 tracing::debug!(socket = %socket.id, error = ?error, "ack not sent");

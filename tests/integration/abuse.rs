@@ -613,19 +613,25 @@ async fn reconnecting_does_not_refill_the_address_bucket() {
     node.stop().await;
 }
 
-/// A socket holds at most `limits.max_in_flight` sends awaiting their ack: with the store
-/// unreachable, the first sends wait (no ack), and one more is refused at once as
-/// `rate_limited`. Once the store is back, the retries of the waiting ones are acked.
+/// A socket holds at most `limits.max_in_flight` sends awaiting their ack: while the store
+/// cannot take a write (another connection holds SQLite's write lock, so appends wait out the
+/// store's time limit), the first sends wait (no ack), and one more is refused at once as
+/// `rate_limited`. Once the lock is gone, the retries of the waiting ones are acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_beyond_the_in_flight_bound_are_refused_at_once() {
-    let db = TestDb::new().await;
-    let proxy = chorus_testkit::FaultProxy::start("127.0.0.1:5432").await;
-    let via_proxy = db.url.replace("127.0.0.1:5432", &proxy.addr.to_string());
-    let settings = TestSettings::new(&via_proxy).set("CHORUS__LIMITS__MAX_IN_FLIGHT", "3");
+    use sqlx::Connection;
+    let sqlite = TestSqlite::new();
+    let settings = TestSettings::new(&sqlite).set("CHORUS__LIMITS__MAX_IN_FLIGHT", "3");
     let node = Node::start(settings.build()).await;
     let client = Client::connect(&node.url, None).await.expect("connect");
 
-    proxy.cut();
+    let mut blocker = sqlx::SqliteConnection::connect(sqlite.as_ref())
+        .await
+        .expect("open the test SQLite file");
+    sqlx::query("begin exclusive")
+        .execute(&mut blocker)
+        .await
+        .expect("take the write lock");
     let wait = Duration::from_secs(3);
     // Written in this order on one websocket, so the node counts the first three first.
     let (a, b, c, d, e) = tokio::join!(
@@ -638,7 +644,7 @@ async fn sends_beyond_the_in_flight_bound_are_refused_at_once() {
     for waiting in [&a, &b, &c] {
         assert!(
             waiting.is_err(),
-            "no ack while the store is down: {waiting:?}"
+            "no ack while the store is locked: {waiting:?}"
         );
     }
     for refused in [d, e] {
@@ -646,7 +652,10 @@ async fn sends_beyond_the_in_flight_bound_are_refused_at_once() {
         assert_eq!(refused.error_code(), Some("rate_limited"), "{refused:?}");
     }
 
-    proxy.restore();
+    sqlx::query("rollback")
+        .execute(&mut blocker)
+        .await
+        .expect("release the write lock");
     for (content, offset) in [("one", "i-1"), ("two", "i-2"), ("three", "i-3")] {
         let mut acked = None;
         for _ in 0..10 {
@@ -657,6 +666,6 @@ async fn sends_beyond_the_in_flight_bound_are_refused_at_once() {
         }
         acked.expect("acked once the store is back").assert_ok();
     }
-    assert_eq!(db.count().await, 3);
+    assert_eq!(sqlite.count().await, 3);
     node.stop().await;
 }

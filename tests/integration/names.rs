@@ -1,6 +1,7 @@
-//! Names: every message carries its sender's name and time (`{ name, at }`, the third argument
+//! Names and acks: every message carries its sender's name and time (`{ name, at }`, the third argument
 //! of `chat message`), live, replayed from the recovery log and from the database, on every
-//! node; the name is the handshake's `auth.name` in open mode and the token's with tokens.
+//! node; the name is the handshake's `auth.name` in open mode and the token's with tokens. A
+//! send's ack carries its offset.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -115,4 +116,20 @@ async fn a_bad_name_is_refused_and_a_token_name_cannot_be_overridden() {
     let (_, _, name, _) = client.next_chat_message_from(T).await.expect("own message");
     assert_eq!(name, "Grace");
     secured.stop().await;
+}
+
+/// The success ack is error-first with the message's place: `null, { serverOffset }`, for a
+/// first send and for its retry alike, so a page can confirm its own message at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_carries_the_messages_offset_for_a_retry_too() {
+    let db = TestDb::new().await;
+    let node = Node::start(TestSettings::new(&db).build()).await;
+    let client = Client::connect(&node.url, None).await.expect("connect");
+    client.send("first", Some("k-1")).await.assert_ok();
+    let ack = client.send("second", Some("k-2")).await;
+    assert_eq!(ack.args(), [json!(null), json!({"serverOffset": 2})]);
+    let retry = client.send("second", Some("k-2")).await;
+    assert_eq!(retry.args(), [json!(null), json!({"serverOffset": 2})]);
+    assert_eq!(db.count().await, 2);
+    node.stop().await;
 }
