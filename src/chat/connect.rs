@@ -1,5 +1,5 @@
-//! The handshake: verify the token (when configured), bound the client's sockets, validate
-//! `auth.serverOffset`, then subscribe the socket to the feed from there.
+//! The handshake: verify the token (when configured) or take `auth.name`, bound the client's
+//! sockets, validate `auth.serverOffset`, then subscribe the socket to the feed from there.
 
 use std::{net::IpAddr, sync::Arc};
 
