@@ -14,7 +14,7 @@ use axum::{Router, body::Body, http::Request};
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep},
@@ -86,6 +86,7 @@ pub async fn serve(
         .max_header_size(limits.max_header_bytes);
     let connections = TaskTracker::new();
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let lingering = Arc::new(Semaphore::new(LINGERING_REFUSALS));
     loop {
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => break,
@@ -98,7 +99,7 @@ pub async fn serve(
             },
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            refuse(tcp, "the node holds its most connections");
+            refuse(tcp, "the node holds its most connections", &lingering);
             continue;
         };
         let address = if limits.trusted_proxies.contains(peer.ip()) {
@@ -107,7 +108,7 @@ pub async fn serve(
             match per_address.acquire(peer.ip()) {
                 Some(guard) => Some(guard),
                 None => {
-                    refuse(tcp, "the address holds its most connections");
+                    refuse(tcp, "the address holds its most connections", &lingering);
                     continue;
                 }
             }
@@ -167,13 +168,44 @@ pub async fn serve(
 const FULL: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 5\r\ncontent-length: 0\r\n\r\n";
 
-/// Tells a connection the node is full and closes it. The answer fits any socket buffer, so
-/// one non-blocking write sends it; a peer that cannot take even that is closed unanswered.
-fn refuse(tcp: TcpStream, why: &str) {
+/// Refused connections whose close waits for what the peer already sent (at most this many at
+/// once; beyond them a refused connection is closed at once).
+const LINGERING_REFUSALS: usize = 256;
+/// How long a refused connection's close waits for the peer's request to arrive and be read.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+/// The most of a refused connection's request that is read (and discarded) before it closes.
+const REFUSAL_DRAIN_BYTES: usize = 16 * 1024;
+
+/// Tells a connection the node (or its address) is full and closes it. The answer fits any
+/// socket buffer, so one non-blocking write sends it. Closing a socket with unread input makes
+/// the kernel reset the connection, which can destroy the answer before the peer reads it; so
+/// the close waits, briefly and for a bounded number of connections, for the peer's request
+/// and reads it first.
+fn refuse(tcp: TcpStream, why: &str, lingering: &Arc<Semaphore>) {
     tracing::debug!(why, "connection refused");
     if let Err(error) = tcp.try_write(FULL) {
         tracing::debug!(error = %error, "could not answer a refused connection");
+        return;
     }
+    let Ok(place) = lingering.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _place = place;
+        let mut tcp = tcp;
+        let _ = tcp.shutdown().await;
+        let drain = async {
+            let mut buf = [0u8; 1024];
+            let mut read = 0;
+            while read < REFUSAL_DRAIN_BYTES {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
+    });
 }
 
 /// A TCP stream that holds its place among the open connections (and its peer's) until it is
