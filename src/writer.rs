@@ -244,7 +244,7 @@ fn fresh_messages(
         .iter()
         .zip(unique)
         .filter_map(|(outcome, m)| match outcome {
-            Ok(Appended::Inserted(offset)) => Some(Arc::new(Message::stored(*offset, &m))),
+            Ok(Appended::Inserted(offset)) => Some(Arc::new(Message::stored(*offset, m))),
             _ => None,
         })
         .collect()

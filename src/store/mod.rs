@@ -42,11 +42,11 @@ pub struct Message {
 
 impl Message {
     /// The stored form of `message` at `offset`.
-    pub fn stored(offset: i64, message: &NewMessage) -> Self {
+    pub fn stored(offset: i64, message: NewMessage) -> Self {
         Self {
             offset,
-            content: message.content.clone(),
-            name: message.name.clone(),
+            content: message.content,
+            name: message.name,
             at: message.at,
         }
     }
