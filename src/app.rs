@@ -119,6 +119,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         settings.store.batch_max,
         &runtime,
     );
+    let http_limits = HttpLimits::from(&settings.transport);
     let per_address = AddressCounts::new(settings.transport.max_connections_per_address);
     let limits = (&settings.limits).into();
     let chat = Arc::new(Chat {
@@ -131,7 +132,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         metrics: runtime.metrics.clone(),
         verifier: Verifier::new(&settings.access)?,
         per_address: per_address.clone(),
-        trusted_proxies: settings.transport.trusted_proxies(),
+        trusted_proxies: http_limits.trusted_proxies.clone(),
     });
     let http = Arc::new(HttpState {
         store: store.clone(),
@@ -159,7 +160,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         close_sockets,
         store,
         runtime,
-        http_limits: (&settings.transport).into(),
+        http_limits,
         drain_timeout: settings.shutdown.drain_timeout,
         unready_delay: settings.shutdown.unready_delay,
     })

@@ -9,6 +9,7 @@ use std::{
 };
 
 use chorus_testkit::{Client, Node, PollingSession, TestDb, TestSettings, TestSqlite, wait_for};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -436,26 +437,15 @@ async fn malformed_frames_over_websocket_and_polling_store_nothing_and_hurt_no_o
     for (i, frame) in text.iter().enumerate() {
         let polling = PollingSession::open(node.addr.port()).await;
         polling.post(frame).await;
-        let offset = format!("p-{i}");
-        polling
-            .post(&format!(r#"4277["chat message","valid","{offset}"]"#))
-            .await;
-        let mut answered = None;
-        for _ in 0..5 {
-            let (status, body) = polling.poll().await;
-            if status != 200 {
-                answered = Some(false);
-                break;
-            }
-            if body.contains("4377[null") {
-                answered = Some(true);
-                break;
-            }
-        }
-        match answered {
-            Some(true) => valid += 1,
-            Some(false) => {}
-            None => panic!("{frame:?} over polling left the session open without an ack"),
+        let valid_send = [
+            json!("chat message"),
+            json!("valid"),
+            json!(format!("p-{i}")),
+        ];
+        // An ack, or a closed session; one left open without an ack fails inside.
+        if let Ok(ack) = polling.emit_with_ack(77, &valid_send).await {
+            ack.assert_ok();
+            valid += 1;
         }
     }
 
@@ -511,7 +501,6 @@ async fn answers_or_closes(client: &mut Client, offset: &str, frame: &str) -> bo
 /// limit and carry no internal names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_limits_hold_over_polling_too() {
-    use serde_json::json;
     let db = TestDb::new().await;
     let settings = TestSettings::new(&db)
         .set("CHORUS__LIMITS__MAX_MESSAGE_CHARS", "100")
@@ -663,14 +652,10 @@ async fn sends_beyond_the_in_flight_bound_are_refused_at_once() {
         .await
         .expect("release the write lock");
     for (content, offset) in [("one", "i-1"), ("two", "i-2"), ("three", "i-3")] {
-        let mut acked = None;
-        for _ in 0..10 {
-            if let Ok(ack) = client.try_send(content, Some(offset), wait).await {
-                acked = Some(ack);
-                break;
-            }
-        }
-        acked.expect("acked once the store is back").assert_ok();
+        client
+            .send_until_acked(content, Some(offset), wait, 10)
+            .await
+            .assert_ok();
     }
     assert_eq!(sqlite.count().await, 3);
     node.stop().await;

@@ -54,10 +54,10 @@ async fn a_foreign_origin_is_refused_on_websocket_and_polling() {
         .await
         .expect("a listed origin joins over polling");
     drop(listed);
-    let preflight = reqwest_preflight(port, "https://chat.example.com").await;
-    assert_eq!(preflight.0, 204);
-    assert_eq!(preflight.1.as_deref(), Some("https://chat.example.com"));
-    assert_eq!(reqwest_preflight(port, "https://evil.example").await.0, 403);
+    let (status, allowed) = preflight(port, "https://chat.example.com").await;
+    assert_eq!(status, 204);
+    assert_eq!(allowed.as_deref(), Some("https://chat.example.com"));
+    assert_eq!(preflight(port, "https://evil.example").await.0, 403);
 
     // Nothing the refused requests did reached the chat.
     let client = Client::connect(&node.url, None).await.expect("connect");
@@ -67,7 +67,7 @@ async fn a_foreign_origin_is_refused_on_websocket_and_polling() {
 }
 
 /// `(status, Access-Control-Allow-Origin)` of a CORS preflight from `origin`.
-async fn reqwest_preflight(port: u16, origin: &str) -> (u16, Option<String>) {
+async fn preflight(port: u16, origin: &str) -> (u16, Option<String>) {
     let head = format!(
         "OPTIONS /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
          Origin: {origin}\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n"

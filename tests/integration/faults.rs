@@ -37,14 +37,10 @@ async fn g2_no_ack_while_the_database_is_unreachable_then_one_row_and_one_ack() 
 
     proxy.restore();
     // The tutorial client retries the same send until it is acked; so do we.
-    let mut acked = None;
-    for _ in 0..10 {
-        if let Ok(ack) = send().await {
-            acked = Some(ack);
-            break;
-        }
-    }
-    acked.expect("acked once the database is back").assert_ok();
+    client
+        .send_until_acked("during outage", Some("g2-1"), Duration::from_secs(3), 10)
+        .await
+        .assert_ok();
     assert_eq!(db.count().await, 1, "exactly one row");
     let (content, offset) = client.next_chat_message(T).await.expect("broadcast");
     assert_eq!((content.as_str(), offset), ("during outage", 1));

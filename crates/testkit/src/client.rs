@@ -249,6 +249,25 @@ impl Client {
             })
     }
 
+    /// The same send repeated, as the tutorial's client retries, until it is acked: up to
+    /// `attempts` tries of `per_try` each; fails the test when none is acked.
+    pub async fn send_until_acked(
+        &self,
+        content: &str,
+        client_offset: Option<&str>,
+        per_try: Duration,
+        attempts: usize,
+    ) -> Ack {
+        for _ in 0..attempts {
+            if let Ok(ack) = self.try_send(content, client_offset, per_try).await {
+                return ack;
+            }
+        }
+        panic!(
+            "{content:?} (client offset {client_offset:?}) not acked in {attempts} tries of {per_try:?}"
+        )
+    }
+
     /// Like [`Client::send`], returning the error when no ack arrives within `timeout`.
     pub async fn try_send(
         &self,
