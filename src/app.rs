@@ -101,7 +101,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
     let runtime = Runtime::new(&node_id);
 
     let store = store::connect(&settings).await?;
-    let head = store.head().await?;
+    let head = store.head(&crate::rooms::Room::default_room()).await?;
     let mode = Mode::connect(&settings).await?;
     let log = mode.recovery_log(&settings, &*store, &runtime).await?;
     let feed = Feed::start(
@@ -117,6 +117,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         feed.clone(),
         bus,
         settings.store.batch_max,
+        usize::try_from(settings.store.max_connections).unwrap_or(1),
         &runtime,
     );
     let http_limits = HttpLimits::from(&settings.transport);

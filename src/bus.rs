@@ -18,6 +18,7 @@ use crate::{
     feed::Feed,
     metrics::{ErrorKind, Metrics},
     redis::{RedisConnector, RedisError},
+    rooms::Room,
     runtime::Runtime,
     store::Message,
 };
@@ -29,19 +30,26 @@ const BUS_CHANNEL_CAPACITY: usize = 16_384;
 /// beyond it are dropped here and the other nodes read them from the store.
 const PUBLISH_QUEUE: usize = 4096;
 
+/// One committed batch of one room.
 #[derive(Serialize, Deserialize)]
 struct Envelope<'a> {
     /// The publishing node, so it can skip its own batches.
     node: Cow<'a, str>,
-    /// `(offset, content, name, at)` tuples. A node of the version before names sent pairs,
-    /// which do not decode: the receiver's gap fill reads those batches from the store.
+    /// The room's key (empty for the default room). A node of the version before rooms sent
+    /// no room, and its batches do not decode: the receiver's gap fill reads them from the
+    /// store.
+    room: Cow<'a, str>,
+    /// `(offset, content, name, at)` tuples.
     messages: Vec<(i64, Cow<'a, str>, Cow<'a, str>, i64)>,
 }
+
+/// A committed batch waiting to be published.
+type Batch = (Room, Vec<Arc<Message>>);
 
 /// The sending half of the bus, held by the writer.
 #[derive(Clone)]
 pub struct Bus {
-    tx: mpsc::Sender<Vec<Arc<Message>>>,
+    tx: mpsc::Sender<Batch>,
     metrics: Arc<Metrics>,
 }
 
@@ -74,10 +82,11 @@ impl Bus {
         Ok(Self { tx, metrics })
     }
 
-    /// Queues a committed batch for the other nodes. Never waits: when Redis is slow and the
-    /// queue is full the batch is dropped here and the other nodes read it from the store.
-    pub fn publish(&self, batch: Vec<Arc<Message>>) {
-        if self.tx.try_send(batch).is_err() {
+    /// Queues a committed batch of `room` for the other nodes. Never waits: when Redis is slow
+    /// and the queue is full the batch is dropped here and the other nodes read it from the
+    /// store.
+    pub fn publish(&self, room: Room, batch: Vec<Arc<Message>>) {
+        if self.tx.try_send((room, batch)).is_err() {
             self.metrics.error(ErrorKind::Bus);
             tracing::warn!(
                 "bus queue full or closed; other nodes will read this batch from the store"
@@ -87,16 +96,17 @@ impl Bus {
 }
 
 async fn publish(
-    mut rx: mpsc::Receiver<Vec<Arc<Message>>>,
+    mut rx: mpsc::Receiver<Batch>,
     client: Client,
     channel: Arc<str>,
     node: Arc<str>,
     metrics: Arc<Metrics>,
 ) {
     // Ends when every sender is gone (the writer stopped), after the queue is drained.
-    while let Some(batch) = rx.recv().await {
+    while let Some((room, batch)) = rx.recv().await {
         let envelope = Envelope {
             node: Cow::Borrowed(&node),
+            room: Cow::Borrowed(room.key()),
             messages: batch
                 .iter()
                 .map(|m| {
@@ -163,12 +173,15 @@ async fn receive(
             Ok(envelope) if *envelope.node == *node => {}
             Ok(envelope) => {
                 metrics.bus_received.inc_by(envelope.messages.len() as u64);
+                let room = Room::from_key(&envelope.room);
                 feed.ingest(
+                    &room,
                     envelope
                         .messages
                         .into_iter()
                         .map(|(offset, content, name, at)| {
                             Arc::new(Message {
+                                room: room.clone(),
                                 offset,
                                 content: content.into_owned(),
                                 name: name.into_owned(),

@@ -71,6 +71,9 @@ pub struct LimitSettings {
     pub address_messages_per_second: u32,
     /// Sends all sockets of one client address may make at once before that rate applies.
     pub address_message_burst: u32,
+    /// Rooms one socket may be in at once besides the default room and its conversations; a
+    /// join beyond it is refused.
+    pub max_rooms_per_socket: usize,
 }
 
 /// Per-connection buffers and timeouts of the Socket.IO transport.
@@ -336,6 +339,7 @@ message_burst = 50
 rate_limited_disconnect_after = 100
 address_messages_per_second = 100
 address_message_burst = 500
+max_rooms_per_socket = 64
 
 [transport]
 max_buffer_size = 4096

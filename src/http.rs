@@ -89,7 +89,7 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
     }
     let limit = state.check_timeout;
     let store_ok = matches!(
-        tokio::time::timeout(limit, state.store.head()).await,
+        tokio::time::timeout(limit, state.store.head(&crate::rooms::Room::default_room())).await,
         Ok(Ok(_))
     );
     if !store_ok {

@@ -6,6 +6,7 @@
 //! - [`runtime`]: what every background part of a node shares: metrics, tasks, the stop signal.
 //! - [`access`]: who may open a socket: allowed origins, and signed handshake tokens.
 //! - [`names`]: what a person may be called.
+//! - [`rooms`]: what a room may be called; the default room and conversations.
 //! - [`peers`]: who a connection is from (behind trusted proxies too) and how many each holds.
 //! - [`chat`]: the Socket.IO side: handshake (auth, replay) and `chat message` sends.
 //! - [`writer`]: group commit: stores sends in batches, then feeds, publishes and acks.
@@ -37,6 +38,7 @@ pub mod names;
 pub mod peers;
 pub mod recovery;
 pub mod redis;
+pub mod rooms;
 pub mod runtime;
 pub mod server;
 pub mod store;

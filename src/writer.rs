@@ -1,9 +1,17 @@
-//! Group commit: the node's one writer takes every pending send, stores them in one transaction,
-//! hands the new messages to the feed (local sockets) and the bus (other nodes), then answers
-//! each sender. A send is answered `Ok` only after its transaction committed.
+//! Group commit, room by room: the node's writer takes every pending send, stores each room's in
+//! one transaction, hands the new messages to the feed (local sockets) and the bus (other
+//! nodes), then answers each sender. A send is answered `Ok` only after its transaction
+//! committed. Each room has at most one commit in flight (so a client's sends to a room are
+//! stored in the order it sent them); different rooms commit at the same time, up to the
+//! store's pool, so no room waits for another's.
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
+    time::Instant,
+};
 
+use futures_util::{StreamExt, stream::FuturesUnordered};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -11,6 +19,7 @@ use crate::{
     bus::Bus,
     feed::Feed,
     metrics::{ErrorKind, Metrics},
+    rooms::Room,
     runtime::Runtime,
     store::{Appended, Message, NewMessage, Store},
 };
@@ -31,6 +40,7 @@ pub enum WriteError {
 }
 
 struct Submission {
+    room: Room,
     message: NewMessage,
     reply: oneshot::Sender<Result<Appended, WriteError>>,
 }
@@ -44,28 +54,43 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task; it stops after `cancel`, once what was queued is answered.
+    /// Starts the writer task, committing batches of up to `batch_max` messages to up to
+    /// `concurrency` rooms at once; it stops after `cancel`, once what was queued is answered.
     pub fn start(
         store: Arc<dyn Store>,
         feed: Feed,
         bus: Option<Bus>,
         batch_max: usize,
+        concurrency: usize,
         runtime: &Runtime,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (metrics, cancel) = (runtime.metrics.clone(), runtime.cancel.clone());
-        runtime.spawn(run(rx, store, feed, bus, batch_max, metrics, cancel));
+        let lanes = Lanes {
+            store,
+            feed,
+            bus,
+            batch_max: batch_max.max(1),
+            concurrency: concurrency.max(1),
+            metrics: runtime.metrics.clone(),
+        };
+        runtime.spawn(lanes.run(rx, runtime.cancel.clone()));
         Self { tx }
     }
 
-    /// Queues one message now (sends queued one after the other are stored in that order); the
-    /// future resolves once it is stored (or found stored before) with where it is.
+    /// Queues one message for `room` now (sends queued one after the other to one room are
+    /// stored in that order); the future resolves once it is stored (or found stored before)
+    /// with where it is in the room.
     pub fn submit(
         &self,
+        room: Room,
         message: NewMessage,
     ) -> impl Future<Output = Result<Appended, WriteError>> + use<> {
         let (reply, answer) = oneshot::channel();
-        let queued = self.tx.send(Submission { message, reply });
+        let queued = self.tx.send(Submission {
+            room,
+            message,
+            reply,
+        });
         async move {
             queued.map_err(|_| WriteError::ShuttingDown)?;
             answer.await.map_err(|_| WriteError::ShuttingDown)?
@@ -73,69 +98,110 @@ impl Writer {
     }
 }
 
-async fn run(
-    mut rx: mpsc::UnboundedReceiver<Submission>,
+/// The writer's parts, and how much it commits at once.
+struct Lanes {
     store: Arc<dyn Store>,
     feed: Feed,
     bus: Option<Bus>,
     batch_max: usize,
+    /// Rooms committing at once: more than the store's pool would only wait for connections.
+    concurrency: usize,
     metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(batch_max);
-    loop {
-        let first = tokio::select! {
-            biased;
-            first = rx.recv() => first,
-            () = cancel.cancelled() => None,
-        };
-        let Some(first) = first else { break };
-        batch.push(first);
-        while batch.len() < batch_max {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        commit(&mut batch, &*store, &feed, bus.as_ref(), &metrics).await;
-    }
-    // Shutting down: refuse what is still queued (never half-done: those clients retry
-    // elsewhere), and let the bus drain by dropping our sender.
-    rx.close();
-    while let Ok(submission) = rx.try_recv() {
-        answer(submission.reply, Err(WriteError::ShuttingDown));
-    }
 }
 
-/// Stores `batch`, feeds and publishes what is new, answers every sender; empties `batch`.
-async fn commit(
-    batch: &mut Vec<Submission>,
-    store: &dyn Store,
-    feed: &Feed,
-    bus: Option<&Bus>,
-    metrics: &Metrics,
-) {
-    let folded = Folded::new(batch.iter().map(|s| &s.message));
-    let outcomes = append(store, &folded.unique, metrics).await;
-    if outcomes.iter().any(Result::is_ok) {
-        metrics.store_batches.inc();
-    }
-    let answers = folded.answers(&outcomes);
-    let fresh = fresh_messages(&outcomes, folded.unique);
-    metrics.messages_stored.inc_by(fresh.len() as u64);
-    if !fresh.is_empty() {
-        feed.ingest(fresh.iter().cloned());
-        if let Some(bus) = bus {
-            bus.publish(fresh);
+impl Lanes {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Submission>, cancel: CancellationToken) {
+        // Sends waiting, per room, in the order they came.
+        let mut queued: HashMap<Room, VecDeque<Submission>> = HashMap::new();
+        // Rooms with sends waiting and no commit in flight, oldest first.
+        let mut ready: VecDeque<Room> = VecDeque::new();
+        // Rooms with a commit in flight.
+        let mut in_flight: HashSet<Room> = HashSet::new();
+        let mut committing = FuturesUnordered::new();
+        let mut open = true;
+        while open || !committing.is_empty() {
+            while open
+                && committing.len() < self.concurrency
+                && let Some(room) = ready.pop_front()
+            {
+                let Some(waiting) = queued.get_mut(&room) else {
+                    continue;
+                };
+                let take = waiting.len().min(self.batch_max);
+                let batch: Vec<Submission> = waiting.drain(..take).collect();
+                if waiting.is_empty() {
+                    queued.remove(&room);
+                }
+                in_flight.insert(room.clone());
+                committing.push(self.commit(room, batch));
+            }
+            tokio::select! {
+                biased;
+                () = cancel.cancelled(), if open => open = false,
+                Some(room) = committing.next(), if !committing.is_empty() => {
+                    // The room's next batch may go now; it joins the back of the line.
+                    in_flight.remove(&room);
+                    if queued.contains_key(&room) {
+                        ready.push_back(room);
+                    }
+                }
+                first = rx.recv(), if open => match first {
+                    Some(first) => {
+                        let mut next = Some(first);
+                        while let Some(submission) = next {
+                            let room = submission.room.clone();
+                            // A room with nothing waiting and no commit in flight gets in line
+                            // (one with sends waiting is in line or committing, and one
+                            // committing is put back in line when its commit ends).
+                            let idle = !queued.contains_key(&room) && !in_flight.contains(&room);
+                            queued.entry(room.clone()).or_default().push_back(submission);
+                            if idle {
+                                ready.push_back(room);
+                            }
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    None => open = false,
+                },
+            }
+        }
+        // Shutting down, with no commit in flight: refuse what is still queued (never
+        // half-done: those clients retry elsewhere), and let the bus drain by dropping our
+        // sender.
+        rx.close();
+        let leftover = queued.into_values().flatten();
+        for submission in leftover.chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            answer(submission.reply, Err(WriteError::ShuttingDown));
         }
     }
-    let duplicates = answers
-        .iter()
-        .filter(|a| matches!(a, Ok(Appended::Existing(_))))
-        .count();
-    metrics.duplicates.inc_by(duplicates as u64);
-    for (submission, result) in batch.drain(..).zip(answers) {
-        answer(submission.reply, result);
+
+    /// Stores one room's `batch`, feeds and publishes what is new, answers every sender;
+    /// resolves to the room.
+    async fn commit(&self, room: Room, batch: Vec<Submission>) -> Room {
+        let metrics = &*self.metrics;
+        let folded = Folded::new(batch.iter().map(|s| &s.message));
+        let outcomes = append(&*self.store, &room, &folded.unique, metrics).await;
+        if outcomes.iter().any(Result::is_ok) {
+            metrics.store_batches.inc();
+        }
+        let answers = folded.answers(&outcomes);
+        let fresh = fresh_messages(&room, &outcomes, folded.unique);
+        metrics.messages_stored.inc_by(fresh.len() as u64);
+        if !fresh.is_empty() {
+            self.feed.ingest(&room, fresh.iter().cloned());
+            if let Some(bus) = &self.bus {
+                bus.publish(room.clone(), fresh);
+            }
+        }
+        let duplicates = answers
+            .iter()
+            .filter(|a| matches!(a, Ok(Appended::Existing(_))))
+            .count();
+        metrics.duplicates.inc_by(duplicates as u64);
+        for (submission, result) in batch.into_iter().zip(answers) {
+            answer(submission.reply, result);
+        }
+        room
     }
 }
 
@@ -144,11 +210,12 @@ async fn commit(
 /// alone and never takes the acks of the rows beside it.
 async fn append(
     store: &dyn Store,
+    room: &Room,
     unique: &[NewMessage],
     metrics: &Metrics,
 ) -> Vec<Result<Appended, WriteError>> {
     let started = Instant::now();
-    let result = store.append(unique).await;
+    let result = store.append(room, unique).await;
     metrics
         .store_append
         .observe(started.elapsed().as_secs_f64());
@@ -158,7 +225,8 @@ async fn append(
             tracing::warn!(error = %error, size = unique.len(), "the store refused a batch for its data; appending its messages one by one");
             let mut outcomes = Vec::with_capacity(unique.len());
             for message in unique {
-                let single = Box::pin(append(store, std::slice::from_ref(message), metrics)).await;
+                let single =
+                    Box::pin(append(store, room, std::slice::from_ref(message), metrics)).await;
                 outcomes.extend(single);
             }
             outcomes
@@ -235,8 +303,9 @@ impl Folded {
     }
 }
 
-/// The messages this append stored now, with their offsets (not those stored before).
+/// The messages this append stored now in `room`, with their offsets (not those stored before).
 fn fresh_messages(
+    room: &Room,
     outcomes: &[Result<Appended, WriteError>],
     unique: Vec<NewMessage>,
 ) -> Vec<Arc<Message>> {
@@ -244,7 +313,9 @@ fn fresh_messages(
         .iter()
         .zip(unique)
         .filter_map(|(outcome, m)| match outcome {
-            Ok(Appended::Inserted(offset)) => Some(Arc::new(Message::stored(*offset, m))),
+            Ok(Appended::Inserted(offset)) => {
+                Some(Arc::new(Message::stored(room.clone(), *offset, m)))
+            }
             _ => None,
         })
         .collect()
@@ -263,7 +334,10 @@ fn answer(
 
 #[cfg(test)]
 mod tests {
+    use futures_util::future::BoxFuture;
+
     use super::*;
+    use crate::store::{RoomHead, StoreError};
 
     fn send(offset: Option<&str>, content: &str) -> NewMessage {
         NewMessage {
@@ -324,7 +398,7 @@ mod tests {
                 Some(Appended::Existing(7)),
             ]
         );
-        let fresh: Vec<i64> = fresh_messages(&appended, folded.unique)
+        let fresh: Vec<i64> = fresh_messages(&Room::default_room(), &appended, folded.unique)
             .iter()
             .map(|m| m.offset)
             .collect();
@@ -368,9 +442,9 @@ mod tests {
     impl Store for Picky {
         fn append<'a>(
             &'a self,
+            _: &'a Room,
             batch: &'a [NewMessage],
-        ) -> futures_util::future::BoxFuture<'a, Result<Vec<Appended>, crate::store::StoreError>>
-        {
+        ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
             self.calls.lock().unwrap().push(batch.len());
             let result = if batch.iter().any(|m| m.content == "bad") {
                 Err(sqlx::Error::Database(Box::new(DataException)).into())
@@ -386,26 +460,31 @@ mod tests {
             };
             Box::pin(std::future::ready(result))
         }
-        fn read_after(
-            &self,
+        fn read_after<'a>(
+            &'a self,
+            _: &'a Room,
             _: i64,
             _: usize,
-        ) -> futures_util::future::BoxFuture<'_, Result<Vec<Message>, crate::store::StoreError>>
-        {
+        ) -> BoxFuture<'a, Result<Vec<Message>, StoreError>> {
             Box::pin(std::future::ready(Ok(Vec::new())))
         }
-        fn head(
-            &self,
-        ) -> futures_util::future::BoxFuture<'_, Result<i64, crate::store::StoreError>> {
+        fn head<'a>(&'a self, _: &'a Room) -> BoxFuture<'a, Result<i64, StoreError>> {
             let head = *self.head.lock().unwrap();
             Box::pin(std::future::ready(Ok(head)))
         }
-        fn epoch(
-            &self,
-        ) -> futures_util::future::BoxFuture<'_, Result<String, crate::store::StoreError>> {
+        fn heads<'a>(&'a self, _: &'a [Room]) -> BoxFuture<'a, Result<Vec<RoomHead>, StoreError>> {
+            Box::pin(std::future::ready(Ok(Vec::new())))
+        }
+        fn conversations<'a>(
+            &'a self,
+            _: &'a [&'a str],
+        ) -> BoxFuture<'a, Result<Vec<RoomHead>, StoreError>> {
+            Box::pin(std::future::ready(Ok(Vec::new())))
+        }
+        fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>> {
             Box::pin(std::future::ready(Ok("test".into())))
         }
-        fn close(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        fn close(&self) -> BoxFuture<'_, ()> {
             Box::pin(std::future::ready(()))
         }
     }
@@ -419,7 +498,7 @@ mod tests {
             send(Some("b"), "bad"),
             send(Some("c"), "ok 2"),
         ];
-        let outcomes = append(&store, &batch, &metrics).await;
+        let outcomes = append(&store, &Room::default_room(), &batch, &metrics).await;
         assert!(
             matches!(outcomes[0], Ok(Appended::Inserted(1))),
             "{outcomes:?}"

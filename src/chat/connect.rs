@@ -1,18 +1,24 @@
 //! The handshake: verify the token (when configured) or take `auth.name`, bound the client's
-//! sockets, validate `auth.serverOffset`, then subscribe the socket to the feed from there.
+//! sockets, validate `auth.serverOffset` and `auth.rooms`, then subscribe the socket to the feed
+//! from there: the default room, the rooms it recovers, and its person's conversations.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use serde_json::Value;
 use socketioxide::{adapter::Adapter, extract::SocketRef, socket::DisconnectReason};
 
-use super::{CHAT_MESSAGE, Chat, SocketSink, messages};
+use super::{CHAT_MESSAGE, Chat, SocketSink, messages, rooms::start_after};
 use crate::{
     access::TokenError,
-    config::History,
+    feed::Subscriber,
     metrics::ErrorKind,
     names::{NameError, display_name},
     peers::PeerAddr,
+    rooms::Room,
     store::ANONYMOUS,
 };
 
@@ -45,6 +51,10 @@ pub enum HandshakeError {
         /// The newest stored offset.
         head: i64,
     },
+    /// `auth.rooms` is not an object of room names and offsets, names a room it may not, or
+    /// names more rooms than a socket may be in.
+    #[error("auth.rooms: {0}")]
+    BadRooms(String),
 }
 
 /// The offset a handshake asks to resume after; `None` for a new client (absent, null or 0).
@@ -84,8 +94,14 @@ pub(super) async fn check_handshake<A: Adapter>(
     chat: Arc<Chat>,
 ) -> Result<(), HandshakeError> {
     match admit(socket, auth, &chat).await {
-        Ok(Admitted { client, name }) => {
-            messages::wire(socket, chat, client, name);
+        Ok(Admitted {
+            client,
+            name,
+            recovering,
+        }) => {
+            let rooms: HashSet<Room> = recovering.rooms.iter().map(|(r, _)| r.clone()).collect();
+            socket.extensions.insert(Arc::new(recovering));
+            messages::wire(socket, chat, client, name, rooms);
             Ok(())
         }
         Err(error) => {
@@ -101,6 +117,20 @@ struct Admitted {
     client: Option<IpAddr>,
     /// The name its messages carry.
     name: String,
+    /// Where it starts in its rooms and conversations.
+    recovering: Recovering,
+}
+
+/// Where an admitted socket starts, left in its extensions for the connect handler.
+struct Recovering {
+    /// The person it is, for conversations (none when anonymous).
+    person: Option<Arc<str>>,
+    /// The named rooms of `auth.rooms`, each with the offset to resume after (`None`: the
+    /// newest history).
+    rooms: Vec<(Room, Option<i64>)>,
+    /// Where it starts in each existing conversation of its person (see
+    /// [`Subscriber::conversations`]).
+    conversations: HashMap<Room, i64>,
 }
 
 /// Checks a handshake.
@@ -121,11 +151,14 @@ async fn admit<A: Adapter>(
         None => requested_name(&auth)?,
     };
     let requested = requested_offset(Some(&auth))?;
+    let person = (name != ANONYMOUS).then_some(name.as_str());
+    let rooms = requested_rooms(&auth, person, chat.limits.max_rooms)?;
+    let default_head = chat.feed.head(&Room::default_room()).unwrap_or(0);
     if let Some(requested) = requested
-        && requested > chat.feed.head()
+        && requested > default_head
     {
         // This node may lag behind the one the client came from; only the store can say.
-        match chat.store.head().await {
+        match chat.store.head(&Room::default_room()).await {
             Ok(head) if requested > head => {
                 return Err(HandshakeError::AheadOfHead { requested, head });
             }
@@ -138,9 +171,14 @@ async fn admit<A: Adapter>(
             }
         }
     }
+    let recovering = recovering(chat, person, rooms).await?;
     let parts = socket.req_parts();
     let Some(PeerAddr(peer)) = parts.extensions.get::<PeerAddr>() else {
-        return Ok(Admitted { client: None, name });
+        return Ok(Admitted {
+            client: None,
+            name,
+            recovering,
+        });
     };
     let client = chat.trusted_proxies.client(peer.ip(), &parts.headers);
     // A direct peer's connections are counted at accept; a proxied client's sockets here.
@@ -154,6 +192,116 @@ async fn admit<A: Adapter>(
     Ok(Admitted {
         client: Some(client),
         name,
+        recovering,
+    })
+}
+
+/// The rooms `auth.rooms` asks to recover (`{ [room]: lastOffset }`), checked: valid names, at
+/// most `max_rooms` of them besides conversations, conversations only of `person`, offsets
+/// non-negative integers (or null for the newest history).
+pub fn requested_rooms(
+    auth: &Value,
+    person: Option<&str>,
+    max_rooms: usize,
+) -> Result<Vec<(Room, Option<i64>)>, HandshakeError> {
+    let bad = |reason: String| HandshakeError::BadRooms(reason);
+    let map = match auth.get("rooms") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(bad("must be an object of room names and offsets".into())),
+    };
+    let mut rooms = Vec::with_capacity(map.len().min(max_rooms));
+    let mut named = 0;
+    for (name, offset) in map {
+        let room = Room::named(name).map_err(|e| bad(e.to_string()))?;
+        if room.is_conversation() && !person.is_some_and(|p| room.has_person(p)) {
+            return Err(bad(format!("{name} is not a conversation of yours")));
+        }
+        if !room.is_conversation() {
+            named += 1;
+            if named > max_rooms {
+                return Err(bad(format!("at most {max_rooms} rooms")));
+            }
+        }
+        let offset = match offset {
+            Value::Null => None,
+            Value::Number(n) => match n.as_i64() {
+                Some(0) => None,
+                Some(n) if n > 0 => Some(n),
+                _ => {
+                    return Err(bad(format!(
+                        "the offset of {name} must be a non-negative integer"
+                    )));
+                }
+            },
+            _ => {
+                return Err(bad(format!(
+                    "the offset of {name} must be a non-negative integer"
+                )));
+            }
+        };
+        rooms.push((room, offset));
+    }
+    Ok(rooms)
+}
+
+/// Where a socket starts: refuses offsets beyond the rooms' heads, and reads the heads of its
+/// person's conversations. A store that cannot answer refuses nothing (the offsets came from
+/// our nodes; the tutorial's client never retries after a connect_error): the offsets are taken
+/// unchecked and conversations not named start at 0.
+async fn recovering(
+    chat: &Chat,
+    person: Option<&str>,
+    rooms: Vec<(Room, Option<i64>)>,
+) -> Result<Recovering, HandshakeError> {
+    let resumed: Vec<Room> = rooms
+        .iter()
+        .filter(|(_, offset)| offset.is_some())
+        .map(|(room, _)| room.clone())
+        .collect();
+    if !resumed.is_empty() {
+        match chat.store.heads(&resumed).await {
+            Ok(heads) => {
+                let heads: HashMap<Room, i64> = heads.into_iter().collect();
+                for (room, offset) in &rooms {
+                    let head = heads.get(room).copied().unwrap_or(0);
+                    if let Some(offset) = *offset
+                        && offset > head
+                    {
+                        return Err(HandshakeError::BadRooms(format!(
+                            "the offset {offset} of {room} is ahead of its newest message ({head})"
+                        )));
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "store unreachable during a handshake; room offsets accepted unchecked");
+            }
+        }
+    }
+    let mut conversations = HashMap::new();
+    if let Some(person) = person {
+        match chat.store.conversations(&[person]).await {
+            Ok(existing) => {
+                for (room, head) in existing {
+                    conversations.insert(room, start_after(None, head, chat.history));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "store unreachable during a handshake; conversations start at their first message");
+            }
+        }
+    }
+    let (conversations_named, rooms): (Vec<_>, Vec<_>) = rooms
+        .into_iter()
+        .partition(|(room, _)| room.is_conversation());
+    for (room, offset) in conversations_named {
+        conversations.insert(room, offset.unwrap_or(0));
+    }
+    Ok(Recovering {
+        person: person.map(Arc::from),
+        rooms,
+        conversations,
     })
 }
 
@@ -166,8 +314,8 @@ pub fn requested_name(auth: &Value) -> Result<String, HandshakeError> {
     }
 }
 
-/// A socket joined (its `chat message` handler is already wired): watch its disconnect, then
-/// subscribe it after the offset it asked for.
+/// A socket joined (its handlers are already wired): watch its disconnect, then subscribe it
+/// after the offsets it asked for.
 pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, chat: Arc<Chat>) {
     chat.metrics.connections.inc();
     let id: Arc<str> = socket.id.to_string().into();
@@ -178,24 +326,73 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
         let chat = on_disconnect.clone();
         let id = disconnect_id.clone();
         async move {
-            chat.feed.unsubscribe(&id);
+            chat.feed.disconnect(&id);
             chat.metrics.connections.dec();
         }
     });
 
+    let recovering = socket
+        .extensions
+        .remove::<Arc<Recovering>>()
+        .unwrap_or_else(|| {
+            Arc::new(Recovering {
+                person: None,
+                rooms: Vec::new(),
+                conversations: HashMap::new(),
+            })
+        });
     // The middleware already refused a bad offset, so this parse succeeds.
-    let after = match requested_offset(auth.as_ref()).ok().flatten() {
-        Some(after) => after,
-        None => match chat.history {
-            History::Unlimited => 0,
-            History::Last(n) => {
-                let n = i64::try_from(n).unwrap_or(i64::MAX);
-                chat.feed.head().saturating_sub(n).max(0)
-            }
-        },
-    };
+    let requested = requested_offset(auth.as_ref()).ok().flatten();
+    let default_head = chat.feed.head(&Room::default_room()).unwrap_or(0);
+    let after = start_after(requested, default_head, chat.history);
     tracing::debug!(socket = %id, after, event = CHAT_MESSAGE, "subscribing");
-    chat.feed.subscribe(id, Arc::new(SocketSink(socket)), after);
+    chat.feed.connect(
+        id.clone(),
+        Subscriber {
+            sink: Arc::new(SocketSink(socket)),
+            person: recovering.person.clone(),
+            conversations: recovering.conversations.clone(),
+        },
+    );
+    let default = Room::default_room();
+    let feed = chat.feed.clone();
+    tokio::spawn(async move {
+        // The default room is always followed: its subscription reads nothing.
+        if let Err(error) = feed.subscribe(&default, &id, after).await {
+            tracing::warn!(error = %error, "could not subscribe to the default room");
+        }
+        for (room, requested) in &recovering.rooms {
+            subscribe_from(&chat, room, &id, *requested).await;
+        }
+    });
+}
+
+/// Subscribes a socket to `room` after `requested` (or at the newest history), retrying while
+/// the store cannot say the room's head.
+async fn subscribe_from(chat: &Chat, room: &Room, id: &Arc<str>, requested: Option<i64>) {
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let head = match chat.feed.head(room) {
+            Some(head) => Ok(head),
+            None => chat.store.head(room).await,
+        };
+        let subscribed = match head {
+            Ok(head) => {
+                let after = start_after(requested, head, chat.history);
+                chat.feed.subscribe(room, id, after).await
+            }
+            Err(error) => Err(error),
+        };
+        match subscribed {
+            Ok(_) => return,
+            Err(_) if !chat.feed.knows(id) => return,
+            Err(error) => {
+                tracing::warn!(error = %error, %room, "could not subscribe a recovering socket; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
-//! `chat message` from clients: validate, store once, ack after commit.
+//! Sends from clients (`chat message`, and the room and private messages of [`super::rooms`]):
+//! validate, store once, ack after commit; and what each socket's sends are held to.
 
 use std::{
+    collections::HashSet,
     net::IpAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::Instant,
@@ -20,7 +22,9 @@ use super::{CHAT_MESSAGE, Chat};
 use crate::{
     config::LimitSettings,
     metrics::{ErrorKind, Metrics},
-    store::{Appended, NewMessage, now_ms},
+    names::NameError,
+    rooms::{Room, RoomError},
+    store::{ANONYMOUS, Appended, NewMessage, now_ms},
     writer::WriteError,
 };
 
@@ -40,6 +44,8 @@ pub struct Limits {
     pub max_client_offset_chars: usize,
     /// Most sends of one socket waiting for their ack at once.
     pub max_in_flight: usize,
+    /// Most rooms one socket joins (besides the default room and its conversations).
+    pub max_rooms: usize,
 }
 
 impl From<&LimitSettings> for Limits {
@@ -57,6 +63,7 @@ impl From<&LimitSettings> for Limits {
             max_message_chars: settings.max_message_chars,
             max_client_offset_chars: settings.max_client_offset_chars,
             max_in_flight: settings.max_in_flight,
+            max_rooms: settings.max_rooms_per_socket,
         }
     }
 }
@@ -125,6 +132,33 @@ pub enum InputError {
     /// This socket sends faster than its rate limit.
     #[error("sending too fast; slow down")]
     TooFast,
+    /// The room argument is not a usable room name.
+    #[error("{0}")]
+    Room(#[from] RoomError),
+    /// The socket is not in that room (join it first), or the conversation is not its own.
+    #[error("not a member of room {0}; join it first")]
+    NotAMember(String),
+    /// The default room and conversations are not left.
+    #[error("the default room and conversations cannot be left")]
+    CannotLeave,
+    /// The socket is in its most rooms already.
+    #[error("in {0} rooms already; leave one first")]
+    TooManyRooms(usize),
+    /// The offset to resume after is malformed, or beyond the room's newest message.
+    #[error("{0}")]
+    BadOffset(String),
+    /// The recipient of a private message is not a name, or is the sender.
+    #[error("recipient: {0}")]
+    BadRecipient(String),
+    /// A sender without a name (anonymous) cannot have conversations.
+    #[error("private messages need a name: connect with auth.name")]
+    Nameless,
+}
+
+impl From<NameError> for InputError {
+    fn from(error: NameError) -> Self {
+        Self::BadRecipient(error.to_string())
+    }
 }
 
 impl InputError {
@@ -138,6 +172,12 @@ impl InputError {
             Self::ClientOffsetNotString => "invalid_client_offset",
             Self::ClientOffsetLength(_) | Self::ClientOffsetNul => "invalid_client_offset",
             Self::TooManyInFlight | Self::TooFast => "rate_limited",
+            Self::Room(_) | Self::CannotLeave => "invalid_room",
+            Self::NotAMember(_) => "not_a_member",
+            Self::TooManyRooms(_) => "too_many_rooms",
+            Self::BadOffset(_) => "invalid_offset",
+            Self::BadRecipient(_) => "invalid_recipient",
+            Self::Nameless => "no_name",
         }
     }
 }
@@ -240,10 +280,12 @@ pub fn parse_send(args: &[Value], limits: &Limits) -> Result<ValidSend, InputErr
     })
 }
 
-/// Registers `chat message` on a socket the handshake admitted, whose sends carry `name` and
-/// count against its own bucket and, when its client address is known, that address's.
+/// Registers every event on a socket the handshake admitted: `chat message` here, the rooms'
+/// events in [`super::rooms`]. Its sends carry `name`, count against its own bucket and, when its
+/// client address is known, that address's, and may go to the default room, `rooms` and its
+/// conversations.
 ///
-/// The send is validated and queued for the writer in the handler itself, not in the future it
+/// A send is validated and queued for the writer in the handler itself, not in the future it
 /// returns, so a client's pipelined sends are stored in the order it sent them
 /// (`docs/DESIGN.md`, "Write path").
 pub(super) fn wire<A: Adapter>(
@@ -251,51 +293,45 @@ pub(super) fn wire<A: Adapter>(
     chat: Arc<Chat>,
     client: Option<IpAddr>,
     name: String,
+    rooms: HashSet<Room>,
 ) {
-    let sender = Arc::new(Sender::new(&chat.limits, client, name));
+    let sender = Arc::new(Sender::new(&chat.limits, client, name, rooms));
+    super::rooms::wire(socket, &chat, &sender);
     socket.on(
         CHAT_MESSAGE,
         move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
-            let arrived = Instant::now();
-            let queued = sender.queue(args.ok().map(|a| a.0), &chat);
-            let (chat, sender) = (chat.clone(), sender.clone());
-            async move {
-                match queued {
-                    Err(error) => {
-                        reject(ack, &error, &chat.metrics);
-                        if sender.abusive(&error, &chat.limits) {
-                            tracing::info!(socket = %socket.id, "disconnecting a socket that keeps sending too fast");
-                            if let Err(error) = socket.clone().disconnect() {
-                                tracing::debug!(socket = %socket.id, error = ?error, "socket already closing");
-                            }
-                        }
-                    }
-                    Ok(stored) => {
-                        let result = stored.await;
-                        sender.in_flight.fetch_sub(1, Relaxed);
-                        match result {
-                            Err(WriteError::Refused(reason)) => {
-                                tracing::info!(socket = %socket.id, reason = %reason, "send refused by the store");
-                                reject(ack, &InputError::Refused, &chat.metrics);
-                            }
-                            other => answer(&socket, ack, other),
-                        }
-                    }
-                }
-                chat.metrics.ack.observe(arrived.elapsed().as_secs_f64());
-            }
+            let queued = args
+                .map_err(|_| InputError::ContentNotString)
+                .and_then(|args| sender.queue(Room::default_room(), &args.0, &chat));
+            sender.answer_when_stored(socket, ack, queued, Ack::Chat, &chat);
+            std::future::ready(())
         },
     );
 }
 
-/// What one socket's sends are held to: its rate, its address's, and a number in flight.
-struct Sender {
+/// The success ack of a stored send: where the message is.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Ack<'a> {
+    /// `{ serverOffset }`, for `chat message`.
+    Chat,
+    /// `{ room, serverOffset }`, for room and private messages.
+    Room(&'a Room),
+}
+
+/// What a queued send resolves to.
+pub(super) type Stored = Result<Appended, WriteError>;
+
+/// What one socket's sends are held to: its rate, its address's, a number in flight, and the
+/// rooms it may send to.
+pub(super) struct Sender {
     /// A token bucket per socket (`limits.messages_per_second`, `limits.message_burst`).
     rate: governor::DefaultDirectRateLimiter,
     /// The client address whose bucket its sends also take from.
     client: Option<IpAddr>,
     /// Who sends: the name its messages carry.
-    name: String,
+    pub(super) name: String,
+    /// The named rooms it joined (the default room and its conversations are always its).
+    pub(super) rooms: Mutex<HashSet<Room>>,
     /// Sends queued for the writer and not answered yet.
     in_flight: AtomicUsize,
     /// Sends refused as too fast since the last one that was not.
@@ -303,56 +339,132 @@ struct Sender {
 }
 
 impl Sender {
-    fn new(limits: &Limits, client: Option<IpAddr>, name: String) -> Self {
+    fn new(limits: &Limits, client: Option<IpAddr>, name: String, rooms: HashSet<Room>) -> Self {
         Self {
             rate: governor::RateLimiter::direct(limits.rate),
             client,
             name,
+            rooms: Mutex::new(rooms),
             in_flight: AtomicUsize::new(0),
             too_fast_in_a_row: AtomicU32::new(0),
         }
     }
 
-    /// Checks a send against the rates, validates it and queues it for the writer; the future
-    /// resolves once it is stored. Every send takes from the buckets, valid or not.
-    fn queue(
-        &self,
-        args: Option<Vec<Value>>,
-        chat: &Chat,
-    ) -> Result<impl Future<Output = Result<Appended, WriteError>> + use<>, InputError> {
+    /// The person this socket is, for conversations: its name, unless it has none.
+    pub(super) fn person(&self) -> Option<&str> {
+        (self.name != ANONYMOUS).then_some(self.name.as_str())
+    }
+
+    /// Whether the socket may send to `room`.
+    pub(super) fn may_send_to(&self, room: &Room) -> bool {
+        room.is_default()
+            || self.person().is_some_and(|p| room.has_person(p))
+            || self
+                .rooms
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(room)
+    }
+
+    /// Takes one request from the socket's bucket and its address's; `TooFast` when either is
+    /// empty. Every send and join takes from them, valid or not.
+    pub(super) fn take_rate(&self, chat: &Chat) -> Result<(), InputError> {
         let address_allows = |addr| chat.address_rates.check(addr);
         if self.rate.check().is_err() || !self.client.is_none_or(address_allows) {
             self.too_fast_in_a_row.fetch_add(1, Relaxed);
             return Err(InputError::TooFast);
         }
         self.too_fast_in_a_row.store(0, Relaxed);
-        let message = match args {
-            Some(args) => parse_send(&args, &chat.limits)?.by(&self.name, now_ms()),
-            None => return Err(InputError::ContentNotString),
-        };
+        Ok(())
+    }
+
+    /// Checks a send to `room` of `(content, clientOffset?)` against the rates, validates it
+    /// and queues it for the writer; the future resolves once it is stored.
+    pub(super) fn queue(
+        &self,
+        room: Room,
+        args: &[Value],
+        chat: &Chat,
+    ) -> Result<impl Future<Output = Stored> + use<>, InputError> {
+        self.take_rate(chat)?;
+        if !self.may_send_to(&room) {
+            return Err(InputError::NotAMember(room.key().to_owned()));
+        }
+        let message = parse_send(args, &chat.limits)?.by(&self.name, now_ms());
         if self.in_flight.fetch_add(1, Relaxed) >= chat.limits.max_in_flight {
             self.in_flight.fetch_sub(1, Relaxed);
             return Err(InputError::TooManyInFlight);
         }
-        Ok(chat.writer.submit(message))
+        Ok(chat.writer.submit(room, message))
     }
 
-    /// Whether the socket has been refused as too fast often enough in a row to be cut off.
-    fn abusive(&self, error: &InputError, limits: &Limits) -> bool {
-        *error == InputError::TooFast
+    /// Answers a send once it is stored (or at once when it was refused): the success ack in
+    /// `shape`, an error ack for a permanent refusal, no ack for a transient failure. A socket
+    /// refused as too fast too often in a row is disconnected.
+    pub(super) fn answer_when_stored<A: Adapter>(
+        self: &Arc<Self>,
+        socket: SocketRef<A>,
+        ack: AckSender<A>,
+        queued: Result<impl Future<Output = Stored> + Send + 'static, InputError>,
+        shape: Ack<'_>,
+        chat: &Arc<Chat>,
+    ) {
+        let arrived = Instant::now();
+        let room = match shape {
+            Ack::Chat => None,
+            Ack::Room(room) => Some(room.clone()),
+        };
+        let (chat, sender) = (chat.clone(), self.clone());
+        tokio::spawn(async move {
+            match queued {
+                Err(error) => {
+                    reject(ack, &error, &chat.metrics);
+                    sender.disconnect_if_abusive(&socket, &error, &chat.limits);
+                }
+                Ok(stored) => {
+                    let result = stored.await;
+                    sender.in_flight.fetch_sub(1, Relaxed);
+                    match result {
+                        Err(WriteError::Refused(reason)) => {
+                            tracing::info!(socket = %socket.id, reason = %reason, "send refused by the store");
+                            reject(ack, &InputError::Refused, &chat.metrics);
+                        }
+                        other => {
+                            let shape = room.as_ref().map_or(Ack::Chat, Ack::Room);
+                            answer(&socket, ack, other, shape);
+                        }
+                    }
+                }
+            }
+            chat.metrics.ack.observe(arrived.elapsed().as_secs_f64());
+        });
+    }
+
+    /// Disconnects the socket when it has been refused as too fast often enough in a row.
+    pub(super) fn disconnect_if_abusive<A: Adapter>(
+        &self,
+        socket: &SocketRef<A>,
+        error: &InputError,
+        limits: &Limits,
+    ) {
+        if *error == InputError::TooFast
             && self.too_fast_in_a_row.load(Relaxed) >= limits.rate_limited_disconnect_after
+        {
+            tracing::info!(socket = %socket.id, "disconnecting a socket that keeps sending too fast");
+            if let Err(error) = socket.clone().disconnect() {
+                tracing::debug!(socket = %socket.id, error = ?error, "socket already closing");
+            }
+        }
     }
 }
 
 /// Acks a stored send; a transient failure gets no ack.
-fn answer<A: Adapter>(
-    socket: &SocketRef<A>,
-    ack: AckSender<A>,
-    result: Result<Appended, WriteError>,
-) {
+fn answer<A: Adapter>(socket: &SocketRef<A>, ack: AckSender<A>, result: Stored, shape: Ack<'_>) {
     /// The success ack's payload: where the message is in the order.
     #[derive(Serialize)]
-    struct Committed {
+    struct Committed<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<Option<&'a str>>,
         #[serde(rename = "serverOffset")]
         server_offset: i64,
     }
@@ -361,6 +473,10 @@ fn answer<A: Adapter>(
         // error ack: `null`, then the message's offset, so a page can confirm its own message.
         Ok(Appended::Inserted(offset) | Appended::Existing(offset)) => {
             let committed = Committed {
+                room: match shape {
+                    Ack::Chat => None,
+                    Ack::Room(room) => Some(room.to_arg()),
+                },
                 server_offset: offset,
             };
             if let Err(error) = ack.send(&(None::<()>, committed)) {
@@ -376,7 +492,8 @@ fn answer<A: Adapter>(
     }
 }
 
-fn reject<A: Adapter>(ack: AckSender<A>, error: &InputError, metrics: &Metrics) {
+/// Acks a refused request with `{ error: { code, message } }`.
+pub(super) fn reject<A: Adapter>(ack: AckSender<A>, error: &InputError, metrics: &Metrics) {
     metrics.error(ErrorKind::InvalidInput);
     let body = ErrorAck {
         error: ErrorBody {
@@ -401,6 +518,7 @@ mod tests {
         max_message_chars: 5,
         max_client_offset_chars: 4,
         max_in_flight: 8,
+        max_rooms: 2,
     };
 
     #[test]

@@ -1,7 +1,9 @@
-//! The Socket.IO side of the chat: the handshake (auth and replay) and `chat message` sends.
+//! The Socket.IO side of the chat: the handshake (auth, name, rooms to recover, replay),
+//! `chat message` sends, and rooms and private messages.
 
 mod connect;
 mod messages;
+mod rooms;
 
 use std::sync::Arc;
 
@@ -19,11 +21,19 @@ use crate::{
     writer::Writer,
 };
 
-pub use connect::{HandshakeError, requested_name, requested_offset};
+pub use connect::{HandshakeError, requested_name, requested_offset, requested_rooms};
 pub use messages::{AddressRates, EventArgs, InputError, Limits, ValidSend, parse_send};
 
-/// The event name of the contract, both directions.
+/// The event name of the tutorial's contract, both directions: the default room's messages.
 pub const CHAT_MESSAGE: &str = "chat message";
+/// A message of a named room or a conversation, both directions.
+pub const ROOM_MESSAGE: &str = "room message";
+/// A message to a person, from a client.
+pub const PRIVATE_MESSAGE: &str = "private message";
+/// Joining a room, from a client.
+pub const JOIN: &str = "join";
+/// Leaving a room, from a client.
+pub const LEAVE: &str = "leave";
 
 /// What the handlers need, shared by every socket of the node.
 pub struct Chat {
@@ -83,16 +93,24 @@ impl<A: Adapter> Sink for SocketSink<A> {
             at: i64,
         }
         #[derive(Serialize)]
-        struct Args<'a>(&'a str, i64, Sent<'a>);
-        let args = Args(
-            &message.content,
-            message.offset,
-            Sent {
-                name: &message.name,
-                at: message.at,
-            },
-        );
-        match self.0.emit(CHAT_MESSAGE, &args) {
+        struct ChatArgs<'a>(&'a str, i64, Sent<'a>);
+        #[derive(Serialize)]
+        struct RoomArgs<'a>(&'a str, &'a str, i64, Sent<'a>);
+        let sent = Sent {
+            name: &message.name,
+            at: message.at,
+        };
+        let emitted = match message.room.to_arg() {
+            None => self.0.emit(
+                CHAT_MESSAGE,
+                &ChatArgs(&message.content, message.offset, sent),
+            ),
+            Some(room) => self.0.emit(
+                ROOM_MESSAGE,
+                &RoomArgs(room, &message.content, message.offset, sent),
+            ),
+        };
+        match emitted {
             Ok(()) => Ok(()),
             Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(SinkError::Full),
             Err(SendError::Socket(SocketError::Closed)) => Err(SinkError::Closed),

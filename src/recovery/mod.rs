@@ -1,5 +1,5 @@
-//! The recovery log: the newest messages in offset order, kept where every node can read them,
-//! so that a client reconnecting to any node catches up without a database query.
+//! The recovery log: the newest messages of each room in offset order, kept where every node can
+//! read them, so that a client reconnecting to any node catches up without a database query.
 //!
 //! A cluster keeps it in a Redis stream ([`StreamLog`]), a single node in process
 //! ([`MemoryLog`]). Neither is trusted: a read returns only the contiguous run that starts
@@ -17,10 +17,10 @@ use futures_util::future::BoxFuture;
 pub use memory::MemoryLog;
 pub use stream::StreamLog;
 
-use crate::{config::RecoverySettings, store::Message};
+use crate::{config::RecoverySettings, rooms::Room, store::Message};
 
-/// How much the log keeps: at most `max_len` messages and `max_bytes` (see [`entry_bytes`]),
-/// none older than `max_age`.
+/// How much the log keeps of each room: at most `max_len` messages and `max_bytes` (see
+/// [`entry_bytes`]), none older than `max_age`. A room with nothing newer is forgotten.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
     /// Most messages kept.
@@ -62,15 +62,16 @@ pub enum ReadError {
     Malformed(String),
 }
 
-/// Recent messages, readable by offset.
+/// Recent messages of every room, readable by room and offset.
 pub trait RecoveryLog: Send + Sync + 'static {
-    /// Takes released messages (in offset order, contiguous); never waits.
+    /// Takes released messages of one room (in offset order, contiguous); never waits.
     fn append(&self, messages: &[Arc<Message>]);
-    /// Up to `limit` messages from `after + 1` on, contiguous; empty when the log does not hold
-    /// `after + 1`.
-    fn read_after(
-        &self,
+    /// Up to `limit` messages of `room` from `after + 1` on, contiguous; empty when the log
+    /// does not hold `after + 1`.
+    fn read_after<'a>(
+        &'a self,
+        room: &'a Room,
         after: i64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, ReadError>>;
+    ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, ReadError>>;
 }

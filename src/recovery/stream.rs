@@ -1,10 +1,11 @@
-//! The cluster's recovery log: a Redis stream `{prefix}:log:{epoch}` whose entry ids are the
-//! offsets (`{offset}-0`), appended by every node a batch per script call and trimmed by count
-//! and by age. `docs/DESIGN.md`, "The stream", argues why it has no holes and why readers need
-//! not trust it anyway.
+//! The cluster's recovery log: a Redis stream per room, `{prefix}:log:{epoch}` for the default
+//! room and `{prefix}:log:{epoch}:room:{name}` for the others, whose entry ids are the room's
+//! offsets (`{offset}-0`), appended by every node that follows the room a batch per script call,
+//! trimmed by count, bytes and age, and expiring when the room falls silent. `docs/DESIGN.md`,
+//! "The stream", argues why it has no holes and why readers need not trust it anyway.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,12 +18,13 @@ use fred::{
         streams::{XCap, XCapKind, XCapTrim},
     },
 };
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, join_all};
 use tokio::sync::mpsc;
 
 use super::{ReadError, RecoveryLog, Retention, entry_bytes};
 use crate::{
     metrics::{ErrorKind, Metrics},
+    rooms::Room,
     runtime::Runtime,
     store::Message,
 };
@@ -30,15 +32,33 @@ use crate::{
 /// Appends a batch, skipping what another node appended first; see the script's own comment.
 const APPEND_SCRIPT: &str = include_str!("append.lua");
 
-/// The cluster's log, in a Redis stream.
+/// The cluster's log, in Redis streams.
 pub struct StreamLog {
     client: Client,
-    key: Arc<str>,
+    keys: StreamKeys,
     tx: mpsc::Sender<Vec<Arc<Message>>>,
     metrics: Arc<Metrics>,
 }
 
-/// The one field of each stream entry (the append script writes it as `c`).
+/// The names of the rooms' streams.
+#[derive(Clone)]
+struct StreamKeys {
+    /// `{prefix}:log:{epoch}`: the default room's stream (the name it had before rooms), and
+    /// the start of every other room's.
+    base: Arc<str>,
+}
+
+impl StreamKeys {
+    fn of(&self, room: &Room) -> String {
+        if room.is_default() {
+            self.base.to_string()
+        } else {
+            format!("{}:room:{}", self.base, room.key())
+        }
+    }
+}
+
+/// The content field of each stream entry (the append script writes it as `c`).
 const CONTENT: &str = "c";
 /// The field holding the sender's name.
 const NAME: &str = "n";
@@ -59,7 +79,7 @@ const AGE_TRIM_MIN: Duration = Duration::from_secs(1);
 const AGE_TRIM_MAX: Duration = Duration::from_secs(60);
 
 impl StreamLog {
-    /// The stream `{prefix}:log:{epoch}`, with its appender task.
+    /// The streams `{prefix}:log:{epoch}...`, with their appender task.
     pub fn start(
         client: Client,
         prefix: &str,
@@ -67,18 +87,20 @@ impl StreamLog {
         retention: Retention,
         runtime: &Runtime,
     ) -> Self {
-        let key: Arc<str> = format!("{prefix}:log:{epoch}").into();
+        let keys = StreamKeys {
+            base: format!("{prefix}:log:{epoch}").into(),
+        };
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
         runtime.spawn(appender(
             client.clone(),
-            key.clone(),
+            keys.clone(),
             rx,
             retention,
             runtime.clone(),
         ));
         Self {
             client,
-            key,
+            keys,
             tx,
             metrics: runtime.metrics.clone(),
         }
@@ -92,17 +114,18 @@ impl RecoveryLog for StreamLog {
         }
     }
 
-    fn read_after(
-        &self,
+    fn read_after<'a>(
+        &'a self,
+        room: &'a Room,
         after: i64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, ReadError>> {
+    ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, ReadError>> {
         Box::pin(async move {
             let start = format!("{}-0", after + 1);
             let count = u64::try_from(limit).unwrap_or(u64::MAX);
             let entries: Vec<(String, Vec<(String, String)>)> = self
                 .client
-                .xrange(&*self.key, start, "+", Some(count))
+                .xrange(self.keys.of(room), start, "+", Some(count))
                 .await?;
             let mut page = Vec::with_capacity(entries.len());
             for (next, (id, fields)) in (after + 1..).zip(entries) {
@@ -129,6 +152,7 @@ impl RecoveryLog for StreamLog {
                     return Err(ReadError::Malformed(id));
                 };
                 page.push(Arc::new(Message {
+                    room: room.clone(),
                     offset,
                     content,
                     name,
@@ -140,22 +164,35 @@ impl RecoveryLog for StreamLog {
     }
 }
 
-/// Appends what the feed released, in order, and trims the stream by count and by age.
+/// What the appender keeps of one room to trim its stream.
+struct RoomTrim {
+    /// When offsets were released here, sampled every RELEASE_SAMPLE: the age trim's clock.
+    released_at: VecDeque<(Instant, i64)>,
+    budget: ByteBudget,
+    /// When the room last released a message here.
+    last: Instant,
+}
+
+/// Appends what the feed released, in order, room by room, and trims each room's stream by
+/// count, bytes and age.
 async fn appender(
     client: Client,
-    key: Arc<str>,
+    keys: StreamKeys,
     mut rx: mpsc::Receiver<Vec<Arc<Message>>>,
     retention: Retention,
     runtime: Runtime,
 ) {
     let (metrics, cancel) = (&runtime.metrics, &runtime.cancel);
-    // When offsets were released here, sampled every RELEASE_SAMPLE: the age trim's clock.
-    let mut released_at: VecDeque<(Instant, i64)> = VecDeque::new();
+    let mut rooms: HashMap<Room, RoomTrim> = HashMap::new();
     let trim_every = (retention.max_age / AGE_TRIMS_PER_MAX_AGE).clamp(AGE_TRIM_MIN, AGE_TRIM_MAX);
     let mut trim = tokio::time::interval(trim_every);
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let max_len = i64::try_from(retention.max_len).unwrap_or(i64::MAX);
-    let mut budget = ByteBudget::new(retention);
+    // The stream outlives its last append by twice the age limit: by then it holds nothing a
+    // reader may use.
+    let ttl_ms = i64::try_from(retention.max_age.as_millis().saturating_mul(2))
+        .unwrap_or(i64::MAX)
+        .max(1);
     // Logged when appends start and stop failing, not for every batch while Redis is down.
     let mut failing = false;
     let mut script = AppendScript { sha: None };
@@ -165,43 +202,88 @@ async fn appender(
             () = cancel.cancelled() => break,
             first = rx.recv() => first,
             _ = trim.tick() => {
-                trim_by_age(&client, &key, &mut released_at, retention.max_age).await;
+                for (room, state) in &mut rooms {
+                    trim_by_age(&client, &keys.of(room), &mut state.released_at, retention.max_age).await;
+                }
+                // A room silent for longer than the age limit has nothing left to trim.
+                let now = Instant::now();
+                rooms.retain(|_, state| now.duration_since(state.last) <= retention.max_age);
                 continue;
             }
         };
-        let Some(mut batch) = first else { break };
-        while batch.len() < APPEND_BATCH {
+        let Some(first) = first else { break };
+        let mut size = first.len();
+        let mut batches = vec![first];
+        while size < APPEND_BATCH {
             match rx.try_recv() {
-                Ok(more) => batch.extend(more),
+                Ok(more) => {
+                    size += more.len();
+                    batches.push(more);
+                }
                 Err(_) => break,
             }
         }
-        let result = script.run(&client, &key, &batch, max_len).await;
-        // Every node releases every message, so each one's count of the stream's bytes is the
-        // same whether its own append or another node's put them there.
-        if let Some(first) = budget.record(&batch) {
-            trim_below(&client, &key, first).await;
-        }
-        if result.is_err() {
-            metrics.error(ErrorKind::RecoveryLog);
-        }
-        if result.is_err() != failing {
-            failing = !failing;
-            if let Err(error) = result {
-                tracing::warn!(error = %error, "stream appends failing; reconnects read the database meanwhile");
-            } else {
-                tracing::info!("stream appends work again");
-            }
-        }
+        let by_room = group_by_room(batches);
+        let results = script
+            .run_all(&client, &keys, &by_room, max_len, ttl_ms)
+            .await;
         let now = Instant::now();
-        if let Some(last) = batch.last()
-            && released_at
+        for (batch, result) in by_room.iter().zip(results) {
+            let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+                continue;
+            };
+            let state = rooms.entry(first.room.clone()).or_insert_with(|| RoomTrim {
+                released_at: VecDeque::new(),
+                budget: ByteBudget::new(retention),
+                last: now,
+            });
+            state.last = now;
+            // Every node that follows the room releases every message of it, so each one's
+            // count of the stream's bytes is the same whether its own append or another node's
+            // put them there.
+            if let Some(below) = state.budget.record(batch) {
+                trim_below(&client, &keys.of(&first.room), below).await;
+            }
+            if state
+                .released_at
                 .back()
                 .is_none_or(|(at, _)| now.duration_since(*at) >= RELEASE_SAMPLE)
-        {
-            released_at.push_back((now, last.offset));
+            {
+                state.released_at.push_back((now, last.offset));
+            }
+            if result.is_err() {
+                metrics.error(ErrorKind::RecoveryLog);
+            }
+            if result.is_err() != failing {
+                failing = !failing;
+                if let Err(error) = result {
+                    tracing::warn!(error = %error, "stream appends failing; reconnects read the database meanwhile");
+                } else {
+                    tracing::info!("stream appends work again");
+                }
+            }
         }
     }
+}
+
+/// Released batches regrouped by room, each room's messages in the order they came (each batch
+/// holds one room's).
+fn group_by_room(batches: Vec<Vec<Arc<Message>>>) -> Vec<Vec<Arc<Message>>> {
+    let mut slots: HashMap<Room, usize> = HashMap::new();
+    let mut grouped: Vec<Vec<Arc<Message>>> = Vec::new();
+    for batch in batches {
+        let Some(room) = batch.first().map(|m| m.room.clone()) else {
+            continue;
+        };
+        match slots.get(&room) {
+            Some(&slot) => grouped[slot].extend(batch),
+            None => {
+                slots.insert(room, grouped.len());
+                grouped.push(batch);
+            }
+        }
+    }
+    grouped
 }
 
 /// The append script, loaded on first use and again when Redis has forgotten it (a restart).
@@ -210,6 +292,51 @@ struct AppendScript {
 }
 
 impl AppendScript {
+    /// Runs the script for each room's batch at once (the client pipelines them); each batch's
+    /// result in order.
+    async fn run_all(
+        &mut self,
+        client: &Client,
+        keys: &StreamKeys,
+        batches: &[Vec<Arc<Message>>],
+        max_len: i64,
+        ttl_ms: i64,
+    ) -> Vec<Result<(), fred::error::Error>> {
+        if let [batch] = batches {
+            let key = batch.first().map(|m| keys.of(&m.room)).unwrap_or_default();
+            return vec![self.run(client, &key, batch, max_len, ttl_ms).await];
+        }
+        if self.sha.is_none() {
+            match client.script_load::<String, _>(APPEND_SCRIPT).await {
+                Ok(sha) => self.sha = Some(sha),
+                Err(error) => return batches.iter().map(|_| Err(error.clone())).collect(),
+            }
+        }
+        let sha = self.sha.clone().unwrap_or_default();
+        let attempts = batches.iter().map(|batch| {
+            let key = batch.first().map(|m| keys.of(&m.room)).unwrap_or_default();
+            let sha = sha.clone();
+            async move {
+                client
+                    .evalsha::<Value, _, _, _>(sha, key, script_args(batch, max_len, ttl_ms))
+                    .await
+                    .map(drop)
+            }
+        });
+        let mut results = join_all(attempts).await;
+        // Redis forgot the script (a restart): load it again and retry those one by one.
+        for (batch, result) in batches.iter().zip(results.iter_mut()) {
+            if let Err(error) = result
+                && error.details().starts_with("NOSCRIPT")
+            {
+                self.sha = None;
+                let key = batch.first().map(|m| keys.of(&m.room)).unwrap_or_default();
+                *result = self.run(client, &key, batch, max_len, ttl_ms).await;
+            }
+        }
+        results
+    }
+
     /// Runs the script for `batch`; loads it first when needed.
     async fn run(
         &mut self,
@@ -217,20 +344,11 @@ impl AppendScript {
         key: &str,
         batch: &[Arc<Message>],
         max_len: i64,
+        ttl_ms: i64,
     ) -> Result<(), fred::error::Error> {
         // The arguments are built per attempt: a retry after a reload is rare, and cloning them
         // on every call is not.
-        let args = || {
-            let mut args = Vec::with_capacity(1 + 4 * batch.len());
-            args.push(Value::Integer(max_len));
-            for message in batch {
-                args.push(Value::Integer(message.offset));
-                args.push(Value::String(message.content.as_str().into()));
-                args.push(Value::String(message.name.as_str().into()));
-                args.push(Value::Integer(message.at));
-            }
-            args
-        };
+        let args = || script_args(batch, max_len, ttl_ms);
         for _ in 0..2 {
             let sha = match &self.sha {
                 Some(sha) => sha.clone(),
@@ -249,6 +367,20 @@ impl AppendScript {
             "redis forgot the append script right after loading it",
         ))
     }
+}
+
+/// The append script's arguments for `batch` (see the script).
+fn script_args(batch: &[Arc<Message>], max_len: i64, ttl_ms: i64) -> Vec<Value> {
+    let mut args = Vec::with_capacity(2 + 4 * batch.len());
+    args.push(Value::Integer(max_len));
+    args.push(Value::Integer(ttl_ms));
+    for message in batch {
+        args.push(Value::Integer(message.offset));
+        args.push(Value::String(message.content.as_str().into()));
+        args.push(Value::String(message.name.as_str().into()));
+        args.push(Value::Integer(message.at));
+    }
+    args
 }
 
 /// The bytes of the newest released messages, in runs of consecutive offsets, so the appender
@@ -346,6 +478,7 @@ mod tests {
     fn the_budget_trims_below_the_oldest_run_that_still_fits() {
         let message = |offset| {
             Arc::new(Message {
+                room: Room::default_room(),
                 offset,
                 content: "x".repeat(936),
                 name: String::new(),

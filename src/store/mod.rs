@@ -1,8 +1,10 @@
 //! Message storage behind one trait: Postgres when scaled out, SQLite embedded.
 //!
-//! Both backends keep the same invariant, which the ordering argument in `docs/DESIGN.md`
-//! rests on: offsets are handed out in commit order, so the committed offsets are always
-//! exactly `1..=head` with no gap, and a reader that sees offset `n` sees every offset below it.
+//! Both backends keep the same invariant in every room, which the ordering argument in
+//! `docs/DESIGN.md` rests on: a room's offsets are handed out in commit order, so its committed
+//! offsets are always exactly `1..=head` with no gap, and a reader that sees offset `n` of a room
+//! sees every offset below it. Rooms are independent: appends to different rooms take different
+//! locks.
 
 mod postgres;
 mod sqlite;
@@ -11,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 
-use crate::config::Settings;
+use crate::{config::Settings, rooms::Room};
 
 /// A message as a client sent it, validated, not yet stored.
 #[derive(Debug, Clone)]
@@ -27,10 +29,12 @@ pub struct NewMessage {
     pub at: i64,
 }
 
-/// A stored message: its offset is its position in the one total order.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+/// A stored message: its offset is its position in its room's total order.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
-    /// The `serverOffset` clients see; gapless, starting at 1.
+    /// The room it was sent to.
+    pub room: Room,
+    /// The `serverOffset` clients see; gapless within the room, starting at 1.
     pub offset: i64,
     /// The text.
     pub content: String,
@@ -41,9 +45,10 @@ pub struct Message {
 }
 
 impl Message {
-    /// The stored form of `message` at `offset`.
-    pub fn stored(offset: i64, message: NewMessage) -> Self {
+    /// The stored form of `message` at `offset` of `room`.
+    pub fn stored(room: Room, offset: i64, message: NewMessage) -> Self {
         Self {
+            room,
             offset,
             content: message.content,
             name: message.name,
@@ -105,23 +110,35 @@ impl StoreError {
     }
 }
 
-/// Durable, ordered message storage.
+/// A room and its head, as the store reported it.
+pub type RoomHead = (Room, i64);
+
+/// Durable, ordered message storage, room by room.
 pub trait Store: Send + Sync + 'static {
-    /// Stores a batch in one transaction, skipping messages (client offset and content) stored
-    /// before; the result has one entry per input, in input order. The messages of one batch
-    /// must be distinct.
+    /// Stores a batch in `room` in one transaction (a room's first append creates it), skipping
+    /// messages (client offset and content) stored there before; the result has one entry per
+    /// input, in input order. The messages of one batch must be distinct.
     fn append<'a>(
         &'a self,
+        room: &'a Room,
         batch: &'a [NewMessage],
     ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>>;
-    /// Up to `limit` messages with offsets above `after`, in offset order.
-    fn read_after(
-        &self,
+    /// Up to `limit` messages of `room` with offsets above `after`, in offset order.
+    fn read_after<'a>(
+        &'a self,
+        room: &'a Room,
         after: i64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>>;
-    /// The highest committed offset (0 when empty).
-    fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>>;
+    ) -> BoxFuture<'a, Result<Vec<Message>, StoreError>>;
+    /// The highest committed offset of `room` (0 when it has none, or does not exist).
+    fn head<'a>(&'a self, room: &'a Room) -> BoxFuture<'a, Result<i64, StoreError>>;
+    /// The heads of those of `rooms` that exist.
+    fn heads<'a>(&'a self, rooms: &'a [Room]) -> BoxFuture<'a, Result<Vec<RoomHead>, StoreError>>;
+    /// Every conversation of any of `people`, with its head.
+    fn conversations<'a>(
+        &'a self,
+        people: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<RoomHead>, StoreError>>;
     /// A random name this database's history got when it was created; caches key on it.
     fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>>;
     /// Closes the pool once in-flight work is done.
@@ -175,11 +192,20 @@ type Appending<'a> = BoxFuture<'a, Result<Vec<Appended>, StoreError>>;
 
 /// What differs between the databases; [`Store`] is implemented once, for both, on top of it.
 pub trait Dialect: sqlx::Database {
-    /// The query that reads the highest committed offset.
-    const HEAD: &'static str;
+    /// The rooms, with their heads, named in a JSON array of names (`$1`).
+    const HEADS: &'static str;
+    /// The conversations, with their heads, of the people named in a JSON array (`$1`).
+    const CONVERSATIONS: &'static str;
     /// [`Store::append`], the one operation whose SQL differs.
-    fn append<'a>(store: &'a SqlStore<Self>, batch: &'a [NewMessage]) -> Appending<'a>;
+    fn append<'a>(
+        store: &'a SqlStore<Self>,
+        room: &'a Room,
+        batch: &'a [NewMessage],
+    ) -> Appending<'a>;
 }
+
+/// A stored row as the read queries return it: offset, content, name, time.
+type Row = (i64, String, String, i64);
 
 /// Everything else both databases run alike: the SQL is the same (SQLite takes `$N`
 /// parameters too).
@@ -187,38 +213,74 @@ impl<DB> Store for SqlStore<DB>
 where
     DB: Dialect,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-    DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> DB::Arguments: sqlx::IntoArguments<DB>,
     for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'r> i64: sqlx::Decode<'r, DB>,
     for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-    for<'r> Message: sqlx::FromRow<'r, DB::Row>,
+    for<'r> Row: sqlx::FromRow<'r, DB::Row>,
+    for<'r> (String, i64): sqlx::FromRow<'r, DB::Row>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
-    fn append<'a>(&'a self, batch: &'a [NewMessage]) -> Appending<'a> {
-        DB::append(self, batch)
+    fn append<'a>(&'a self, room: &'a Room, batch: &'a [NewMessage]) -> Appending<'a> {
+        DB::append(self, room, batch)
     }
 
-    fn read_after(
-        &self,
+    fn read_after<'a>(
+        &'a self,
+        room: &'a Room,
         after: i64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Message>, StoreError>> {
-        Box::pin(timed(
-            self.timeout,
-            sqlx::query_as(
-                r#"select id as "offset", content, name, at_ms as "at" from messages where id > $1 order by id limit $2"#,
+    ) -> BoxFuture<'a, Result<Vec<Message>, StoreError>> {
+        Box::pin(async move {
+            let rows: Vec<Row> = timed(
+                self.timeout,
+                sqlx::query_as(
+                    "select id, content, name, at_ms from room_messages where room = $1 and id > $2 order by id limit $3",
+                )
+                .bind(room.key())
+                .bind(after)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool),
             )
-            .bind(after)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool),
-        ))
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(offset, content, name, at)| Message {
+                    room: room.clone(),
+                    offset,
+                    content,
+                    name,
+                    at,
+                })
+                .collect())
+        })
     }
 
-    fn head(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
-        Box::pin(timed(
-            self.timeout,
-            sqlx::query_scalar(DB::HEAD).fetch_one(&self.pool),
-        ))
+    fn head<'a>(&'a self, room: &'a Room) -> BoxFuture<'a, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let head: Option<i64> = timed(
+                self.timeout,
+                sqlx::query_scalar("select head from rooms where name = $1")
+                    .bind(room.key())
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+            Ok(head.unwrap_or(0))
+        })
+    }
+
+    fn heads<'a>(&'a self, rooms: &'a [Room]) -> BoxFuture<'a, Result<Vec<RoomHead>, StoreError>> {
+        let names: Vec<&str> = rooms.iter().map(Room::key).collect();
+        Box::pin(self.room_heads(DB::HEADS, serde_json::to_string(&names)))
+    }
+
+    fn conversations<'a>(
+        &'a self,
+        people: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<RoomHead>, StoreError>> {
+        Box::pin(self.room_heads(DB::CONVERSATIONS, serde_json::to_string(people)))
     }
 
     fn epoch(&self) -> BoxFuture<'_, Result<String, StoreError>> {
@@ -230,6 +292,34 @@ where
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.pool.close())
+    }
+}
+
+impl<DB> SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (String, i64): sqlx::FromRow<'r, DB::Row>,
+{
+    /// Runs a query of rooms and heads whose one parameter is a JSON array.
+    async fn room_heads(
+        &self,
+        query: &'static str,
+        list: serde_json::Result<String>,
+    ) -> Result<Vec<RoomHead>, StoreError> {
+        // A list of strings always encodes.
+        let list = list.unwrap_or_else(|_| "[]".to_owned());
+        let rows: Vec<(String, i64)> = timed(
+            self.timeout,
+            sqlx::query_as(query).bind(list).fetch_all(&self.pool),
+        )
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, head)| (Room::from_key(&name), head))
+            .collect())
     }
 }
 

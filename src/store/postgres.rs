@@ -1,11 +1,12 @@
-//! The Postgres backend: one `chorus_append` call per batch (see the migration for why ids are
-//! assigned in commit order).
+//! The Postgres backend: one `chorus_append_to` call per batch of one room (see the migrations
+//! for why a room's offsets are assigned in commit order).
 
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use super::{Appended, Appending, Dialect, NewMessage, PgStore, SqlStore, StoreError, timed};
+use crate::rooms::Room;
 
 impl PgStore {
     /// Connects and applies migrations; safe when several nodes start at once (sqlx holds an
@@ -28,9 +29,13 @@ impl PgStore {
 }
 
 impl Dialect for sqlx::Postgres {
-    const HEAD: &'static str = "select head from message_head";
+    const HEADS: &'static str =
+        "select name, head from rooms where name in (select json_array_elements_text($1::json))";
+    const CONVERSATIONS: &'static str = "select name, head from rooms \
+         where person_a in (select json_array_elements_text($1::json)) \
+            or person_b in (select json_array_elements_text($1::json))";
 
-    fn append<'a>(store: &'a PgStore, batch: &'a [NewMessage]) -> Appending<'a> {
+    fn append<'a>(store: &'a PgStore, room: &'a Room, batch: &'a [NewMessage]) -> Appending<'a> {
         Box::pin(async move {
             let offsets: Vec<Option<&str>> =
                 batch.iter().map(|m| m.client_offset.as_deref()).collect();
@@ -39,12 +44,15 @@ impl Dialect for sqlx::Postgres {
             let ats: Vec<i64> = batch.iter().map(|m| m.at).collect();
             let rows: Vec<(i64, i64, bool)> = timed(
                 store.timeout,
-                sqlx::query_as("select o_ord, o_id, o_inserted from chorus_append($1, $2, $3, $4)")
-                    .bind(offsets)
-                    .bind(contents)
-                    .bind(names)
-                    .bind(ats)
-                    .fetch_all(&store.pool),
+                sqlx::query_as(
+                    "select o_ord, o_id, o_inserted from chorus_append_to($1, $2, $3, $4, $5)",
+                )
+                .bind(room.key())
+                .bind(offsets)
+                .bind(contents)
+                .bind(names)
+                .bind(ats)
+                .fetch_all(&store.pool),
             )
             .await?;
             Ok(rows

@@ -5,6 +5,7 @@ use std::{str::FromStr, time::Duration};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use super::{Appended, Appending, Dialect, NewMessage, SqlStore, SqliteStore, StoreError, timed};
+use crate::rooms::Room;
 
 impl SqliteStore {
     /// Opens (creating if missing) the database and applies migrations.
@@ -25,18 +26,39 @@ impl SqliteStore {
         SqlStore::open(pool, options, timeout, sqlx::migrate!("migrations/sqlite")).await
     }
 
-    async fn append_inner(&self, batch: &[NewMessage]) -> Result<Vec<Appended>, sqlx::Error> {
+    async fn append_inner(
+        &self,
+        room: &Room,
+        batch: &[NewMessage],
+    ) -> Result<Vec<Appended>, sqlx::Error> {
         // IMMEDIATE takes the write lock first, so the head read below cannot go stale.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut head: i64 = sqlx::query_scalar("select coalesce(max(id), 0) from messages")
-            .fetch_one(&mut *tx)
+        let known_head: Option<i64> = sqlx::query_scalar("select head from rooms where name = ?")
+            .bind(room.key())
+            .fetch_optional(&mut *tx)
             .await?;
+        let mut head = match known_head {
+            Some(head) => head,
+            None => {
+                // A room's first append creates it.
+                let (a, b) = room.people().unzip();
+                sqlx::query("insert into rooms (name, person_a, person_b) values (?, ?, ?)")
+                    .bind(room.key())
+                    .bind(a)
+                    .bind(b)
+                    .execute(&mut *tx)
+                    .await?;
+                0
+            }
+        };
+        let first = head;
         let mut out = Vec::with_capacity(batch.len());
         for message in batch {
             if let Some(client_offset) = &message.client_offset {
                 let known: Option<i64> = sqlx::query_scalar(
-                    "select id from messages where client_offset = ? and content = ?",
+                    "select id from room_messages where room = ? and client_offset = ? and content = ?",
                 )
+                .bind(room.key())
                 .bind(client_offset)
                 .bind(message.content.as_str())
                 .fetch_optional(&mut *tx)
@@ -48,8 +70,9 @@ impl SqliteStore {
             }
             head += 1;
             sqlx::query(
-                "insert into messages (id, client_offset, content, name, at_ms) values (?, ?, ?, ?, ?)",
+                "insert into room_messages (room, id, client_offset, content, name, at_ms) values (?, ?, ?, ?, ?, ?)",
             )
+            .bind(room.key())
             .bind(head)
             .bind(message.client_offset.as_deref())
             .bind(message.content.as_str())
@@ -59,15 +82,30 @@ impl SqliteStore {
             .await?;
             out.push(Appended::Inserted(head));
         }
+        if head != first {
+            sqlx::query("update rooms set head = ? where name = ?")
+                .bind(head)
+                .bind(room.key())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(out)
     }
 }
 
 impl Dialect for sqlx::Sqlite {
-    const HEAD: &'static str = "select coalesce(max(id), 0) from messages";
+    const HEADS: &'static str =
+        "select name, head from rooms where name in (select value from json_each($1))";
+    const CONVERSATIONS: &'static str = "select name, head from rooms \
+         where person_a in (select value from json_each($1)) \
+            or person_b in (select value from json_each($1))";
 
-    fn append<'a>(store: &'a SqliteStore, batch: &'a [NewMessage]) -> Appending<'a> {
-        Box::pin(timed(store.timeout, store.append_inner(batch)))
+    fn append<'a>(
+        store: &'a SqliteStore,
+        room: &'a Room,
+        batch: &'a [NewMessage],
+    ) -> Appending<'a> {
+        Box::pin(timed(store.timeout, store.append_inner(room, batch)))
     }
 }

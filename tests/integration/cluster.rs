@@ -69,7 +69,10 @@ async fn a_replay_of_20000_missed_messages_arrives_complete_and_in_order() {
                 at: 0,
             })
             .collect();
-        store.append(&batch).await.expect("seed");
+        store
+            .append(&chorus::rooms::Room::default_room(), &batch)
+            .await
+            .expect("seed");
     }
     let nodes = spawn_cluster(3, &db, REDIS, &unique("r")).await;
     // A client that saw offset 0 only by the unlimited-history rule would get everything; this

@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Duration};
 use chorus::{
     metrics::ErrorKind,
     recovery::{RecoveryLog, Retention, StreamLog},
+    rooms::Room,
     runtime::Runtime,
     store::Message,
 };
@@ -349,6 +350,7 @@ async fn two_logs_appending_the_same_offsets_leave_one_contiguous_stream() {
         offsets
             .map(|offset| {
                 Arc::new(Message {
+                    room: Room::default_room(),
                     offset,
                     content: format!("{node}:{offset}"),
                     name: node.to_owned(),
@@ -366,7 +368,10 @@ async fn two_logs_appending_the_same_offsets_leave_one_contiguous_stream() {
     let key = format!("{prefix}:log:epoch");
     let admin = redis(REDIS).await;
     stream_reaches(&admin, &key, 12).await;
-    let page = logs[0].read_after(0, 100).await.expect("read the stream");
+    let page = logs[0]
+        .read_after(&Room::default_room(), 0, 100)
+        .await
+        .expect("read the stream");
     let offsets: Vec<i64> = page.iter().map(|m| m.offset).collect();
     assert_eq!(offsets, (1..=12).collect::<Vec<_>>());
     for m in &page {
@@ -388,11 +393,18 @@ async fn two_logs_appending_the_same_offsets_leave_one_contiguous_stream() {
         .expect("XTRIM");
     logs[0].append(&batch(11..=14, "a"));
     stream_reaches(&admin, &key, 14).await;
-    let page = logs[1].read_after(12, 100).await.expect("read the stream");
+    let page = logs[1]
+        .read_after(&Room::default_room(), 12, 100)
+        .await
+        .expect("read the stream");
     let offsets: Vec<i64> = page.iter().map(|m| m.offset).collect();
     assert_eq!(offsets, vec![13, 14]);
     assert!(
-        logs[1].read_after(10, 100).await.expect("read").is_empty(),
+        logs[1]
+            .read_after(&Room::default_room(), 10, 100)
+            .await
+            .expect("read")
+            .is_empty(),
         "11 and 12 are not in the stream: the reader is sent to the database"
     );
     for runtime in &runtimes {
@@ -425,6 +437,7 @@ async fn the_stream_is_trimmed_by_bytes() {
         let batch: Vec<Arc<Message>> = (start..start + 50)
             .map(|offset| {
                 Arc::new(Message {
+                    room: Room::default_room(),
                     offset,
                     content: content.clone(),
                     name: String::new(),
@@ -447,7 +460,10 @@ async fn the_stream_is_trimmed_by_bytes() {
     let length: u64 = admin.xlen(&key).await.expect("XLEN");
     assert!((337..=600).contains(&length), "{length} entries kept");
     let first = 2_000 - i64::try_from(length).expect("length") + 1;
-    let page = log.read_after(first - 1, 10_000).await.expect("read");
+    let page = log
+        .read_after(&Room::default_room(), first - 1, 10_000)
+        .await
+        .expect("read");
     assert_eq!(page.len() as u64, length, "the newest run, contiguous");
     assert_eq!(page.last().map(|m| m.offset), Some(2_000));
     assert_eq!(runtime.metrics.errors(ErrorKind::RecoveryLog), 0);
