@@ -225,9 +225,9 @@ pub fn requested_rooms(
         }
         let offset = match offset {
             Value::Null => None,
+            // As for `join`: a number is the offset to resume after (0: from the first).
             Value::Number(n) => match n.as_i64() {
-                Some(0) => None,
-                Some(n) if n > 0 => Some(n),
+                Some(n) if n >= 0 => Some(n),
                 _ => {
                     return Err(bad(format!(
                         "the offset of {name} must be a non-negative integer"

@@ -8,6 +8,7 @@ mod faults;
 mod input;
 mod names;
 mod recovery;
+mod rooms;
 mod support;
 mod topology;
 mod tutorial;

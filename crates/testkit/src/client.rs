@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -70,6 +70,19 @@ pub enum ClientError {
 /// An event received from the server: its name and its arguments.
 pub type Event = (String, Vec<Value>);
 
+/// A message of any room as a client received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Its room: `None` for the default room (a `chat message`).
+    pub room: Option<String>,
+    /// Its text.
+    pub content: String,
+    /// Its offset in its room.
+    pub offset: i64,
+    /// Its sender's name.
+    pub sender: String,
+}
+
 /// The server's answer to a send: the ack's arguments. The contract acks a stored send with
 /// no error and refuses invalid input with `{ error: { code, message } }`.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +102,20 @@ impl Ack {
     /// The error message, when the send was refused.
     pub fn error_message(&self) -> Option<&str> {
         codec::ack_error(&self.0)?.get("message")?.as_str()
+    }
+
+    /// The success payload's field `key` (`serverOffset`, `room`, `head`), when the request was
+    /// accepted.
+    pub fn field(&self, key: &str) -> Option<&Value> {
+        self.0.get(1)?.get(key)
+    }
+
+    /// The `serverOffset` a stored send was acked with.
+    #[track_caller]
+    pub fn offset(&self) -> i64 {
+        self.field("serverOffset")
+            .and_then(Value::as_i64)
+            .unwrap_or_else(|| panic!("no serverOffset in the ack {:?}", self.0))
     }
 
     /// Whether the send was accepted (the ack carries no error).
@@ -288,6 +315,99 @@ impl Client {
             .await
             .map(Ack)
             .unwrap_or_else(|e| panic!("no ack for chat message {args:?}: {e}"))
+    }
+
+    /// `join(room, lastOffset)`: waits for the ack (`{ room, head }` or an error).
+    pub async fn join(&self, room: &str, last_offset: Option<i64>) -> Ack {
+        self.request(codec::JOIN, vec![json!(room), json!(last_offset)])
+            .await
+    }
+
+    /// `leave(room)`: waits for the ack.
+    pub async fn leave(&self, room: &str) -> Ack {
+        self.request(codec::LEAVE, vec![json!(room)]).await
+    }
+
+    /// `room message(room, content, clientOffset)`: waits for the ack (`{ room, serverOffset }`
+    /// after commit, or an error). `room` `None` is the default room.
+    pub async fn send_to(
+        &self,
+        room: Option<&str>,
+        content: &str,
+        client_offset: Option<&str>,
+    ) -> Ack {
+        self.request(
+            codec::ROOM_MESSAGE,
+            vec![json!(room), json!(content), json!(client_offset)],
+        )
+        .await
+    }
+
+    /// Like [`Client::send_to`], returning the error when no ack arrives within `timeout`.
+    pub async fn try_send_to(
+        &self,
+        room: &str,
+        content: &str,
+        client_offset: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Ack, ClientError> {
+        let args = vec![json!(room), json!(content), json!(client_offset)];
+        self.emit_with_ack(codec::ROOM_MESSAGE, args, timeout)
+            .await
+            .map(Ack)
+    }
+
+    /// `private message(to, content, clientOffset)`: waits for the ack.
+    pub async fn send_private(&self, to: &str, content: &str, client_offset: Option<&str>) -> Ack {
+        self.request(
+            codec::PRIVATE_MESSAGE,
+            vec![json!(to), json!(content), json!(client_offset)],
+        )
+        .await
+    }
+
+    /// Emits `event` with `args` and waits up to [`ACK_TIMEOUT`] for its ack; fails the test if
+    /// none comes.
+    pub async fn request(&self, event: &str, args: Vec<Value>) -> Ack {
+        self.emit_with_ack(event, args.clone(), ACK_TIMEOUT)
+            .await
+            .map(Ack)
+            .unwrap_or_else(|e| panic!("no ack for {event} {args:?}: {e}"))
+    }
+
+    /// Waits up to `timeout` for the next message of any room, skipping other events: a `chat
+    /// message` (the default room) or a `room message`.
+    pub async fn next_delivery(&mut self, timeout: Duration) -> Result<Delivery, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (name, args) = self.next_event(left).await?;
+            match name.as_str() {
+                CHAT_MESSAGE => {
+                    let (content, offset) = codec::parse_chat_message(&args)?;
+                    let (sender, _) = codec::parse_sender(&args)?;
+                    return Ok(Delivery {
+                        room: None,
+                        content,
+                        offset,
+                        sender,
+                    });
+                }
+                codec::ROOM_MESSAGE => {
+                    let room = args.first().and_then(Value::as_str).map(str::to_owned);
+                    let rest = args.get(1..).unwrap_or_default();
+                    let (content, offset) = codec::parse_chat_message(rest)?;
+                    let (sender, _) = codec::parse_sender(rest)?;
+                    return Ok(Delivery {
+                        room,
+                        content,
+                        offset,
+                        sender,
+                    });
+                }
+                _ => {}
+            }
+        }
     }
 
     /// The contract's send without asking for an ack (a client that fires and forgets).

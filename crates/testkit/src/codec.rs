@@ -10,6 +10,14 @@ use serde_json::Value;
 
 /// Name of the event that carries chat messages in the chorus contract.
 pub const CHAT_MESSAGE: &str = "chat message";
+/// A message of a named room or a conversation, both directions.
+pub const ROOM_MESSAGE: &str = "room message";
+/// A message to a person.
+pub const PRIVATE_MESSAGE: &str = "private message";
+/// Joining a room.
+pub const JOIN: &str = "join";
+/// Leaving a room.
+pub const LEAVE: &str = "leave";
 
 /// The Socket.IO DISCONNECT of namespace `/`: the client leaves it.
 pub const DISCONNECT: &str = "41";

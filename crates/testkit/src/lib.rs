@@ -36,7 +36,7 @@ pub mod redis;
 pub mod transport;
 
 pub use balancer::{Balancer, Lb};
-pub use client::{Ack, Client, ClientError, assert_acked, slow_consumer};
+pub use client::{Ack, Client, ClientError, Delivery, assert_acked, slow_consumer};
 pub use db::{PG_ADMIN, TestDb, TestSqlite};
 pub use fixture::{free_port, unique, wait_for};
 pub use http::{PollingRefusal, PollingSession, http_get, raw_status, try_get, websocket_upgrade};
