@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use chorus_testkit::{codec, transport};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -48,6 +50,46 @@ impl Conn {
         let frame = codec::encode_chat_message(content, Some(client_offset), Some(id));
         self.ws.send(Message::text(frame)).await?;
         Ok(id)
+    }
+
+    /// Emits `room message` to `room` with `content` and `client_offset`, asking for an ack;
+    /// returns the ack id.
+    pub async fn emit_to(
+        &mut self,
+        room: &str,
+        content: &str,
+        client_offset: &str,
+    ) -> anyhow::Result<u64> {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        let frame = codec::encode_event(
+            codec::ROOM_MESSAGE,
+            &[room, content, client_offset],
+            Some(id),
+        );
+        self.ws.send(Message::text(frame)).await?;
+        Ok(id)
+    }
+
+    /// Joins `room` from its newest message and waits for the ack.
+    pub async fn join(&mut self, room: &str) -> anyhow::Result<()> {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        let args = [serde_json::json!(room), serde_json::json!(null)];
+        let frame = codec::encode_event(codec::JOIN, &args, Some(id));
+        self.ws.send(Message::text(frame)).await?;
+        loop {
+            let frame = tokio::time::timeout(CONNECT_TIMEOUT, self.next())
+                .await
+                .context("no ack for a join")??
+                .context("closed while joining")?;
+            if let Frame::Ack { id: acked, error } = parse(&frame)
+                && acked == id
+            {
+                anyhow::ensure!(!error, "the join of {room} was refused");
+                return Ok(());
+            }
+        }
     }
 
     /// The next frame; `None` when the connection closed. Pings are answered here.

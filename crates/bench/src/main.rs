@@ -21,6 +21,9 @@ use crate::{
 
 /// Idle connections of the connect scenario.
 const CONNECT_CONNECTIONS: usize = 2000;
+/// The rooms written at once in the rooms rows of the store figures.
+const STORE_ROOMS: [usize; 3] = [1, 4, 16];
+
 /// Missed messages one client recovers in the replay scenario.
 const REPLAY_MESSAGES: u64 = 100_000;
 
@@ -58,7 +61,11 @@ enum Scenario {
         connections: usize,
     },
     /// Acked, stored messages/s with distinct client offsets
-    Store,
+    Store {
+        /// Rooms written at once (one sender per room at least); 0: the default room
+        #[arg(long, default_value_t = 0)]
+        rooms: usize,
+    },
     /// Rows/s of plain batched INSERTs (batches of 100, one connection), without and with
     /// chorus's identity index: the database's own ceiling for the store scenario
     RawInserts,
@@ -378,12 +385,18 @@ struct RawInserts {
     identity: f64,
 }
 
-async fn store_rate(system: System, o: &Options) -> anyhow::Result<f64> {
+async fn store_rate(system: System, o: &Options, rooms: usize) -> anyhow::Result<f64> {
     let (senders, window, seconds) = if o.quick { (2, 32, 1.0) } else { (6, 128, 5.0) };
+    let senders = senders.max(rooms);
     let cluster = Cluster::start(system, o.nodes, o, &[]).await?;
-    let rate = scenarios::store(&cluster.urls(), senders, window, seconds).await?;
+    let rate = scenarios::store(&cluster.urls(), senders, window, seconds, rooms).await?;
+    let into = match rooms {
+        0 => "the default room".to_owned(),
+        1 => "1 room".to_owned(),
+        n => format!("{n} rooms"),
+    };
     println!(
-        "{:<9} store: {senders} senders x {window} in flight on {} nodes: {rate:.0} stored msg/s",
+        "{:<9} store: {senders} senders x {window} in flight on {} nodes into {into}: {rate:.0} stored msg/s",
         system.name(),
         o.nodes
     );
@@ -698,9 +711,13 @@ async fn all(o: &Options) -> anyhow::Result<()> {
     );
     let raw = raw_insert_rate(o).await?;
     let stored = (
-        store_rate(System::Chorus, o).await?,
-        store_rate(System::Baseline, o).await?,
+        store_rate(System::Chorus, o, 0).await?,
+        store_rate(System::Baseline, o, 0).await?,
     );
+    let mut in_rooms = Vec::new();
+    for rooms in STORE_ROOMS {
+        in_rooms.push((rooms, store_rate(System::Chorus, o, rooms).await?));
+    }
     let (c_replay, b_replay) = (
         replay(System::Chorus, o, REPLAY_MESSAGES).await?,
         replay(System::Baseline, o, REPLAY_MESSAGES).await?,
@@ -757,19 +774,37 @@ async fn all(o: &Options) -> anyhow::Result<()> {
                 stored.0 / raw.identity
             ),
         ),
+    ];
+    let room_rows = in_rooms.iter().map(|&(rooms, rate)| {
         (
-            "replay msg/s from the stream",
+            format!("stored msg/s into {rooms} room(s) at once, 3 nodes"),
+            rate,
+            0.0,
+            format!(
+                "({:.2}x raw inserts with the identity index; baseline: no rooms)",
+                rate / raw.identity
+            ),
+        )
+    });
+    let mut rows: Vec<(String, f64, f64, String)> = rows
+        .into_iter()
+        .map(|(name, c, b, note)| (name.to_owned(), c, b, note))
+        .chain(room_rows)
+        .collect();
+    rows.extend([
+        (
+            "replay msg/s from the stream".to_owned(),
             c_replay.0.unwrap_or(0.0),
             0.0,
             "(baseline: no stream)".into(),
         ),
         (
-            "replay msg/s from the database",
+            "replay msg/s from the database".to_owned(),
             c_replay.1,
             b_replay.1,
             String::new(),
         ),
-    ];
+    ]);
     println!();
     println!(
         "{:<50} {:>12} {:>12} {:>8}",
@@ -891,7 +926,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Connect { connections } => {
             connect_memory(o.system, &o, connections).await.map(|_| ())
         }
-        Scenario::Store => store_rate(o.system, &o).await.map(|_| ()),
+        Scenario::Store { rooms } => store_rate(o.system, &o, rooms).await.map(|_| ()),
         Scenario::RawInserts => raw_insert_rate(&o).await.map(|_| ()),
         Scenario::Replay { messages } => {
             let (stream, database) = replay(o.system, &o, messages).await?;

@@ -328,12 +328,14 @@ pub async fn connect(server: &Server, n: usize) -> anyhow::Result<(u64, u64, f64
 }
 
 /// Acked stored messages per second: `senders` connections, `window` sends in flight each,
-/// distinct client offsets, for `seconds`.
+/// distinct client offsets, for `seconds`; with `rooms` above 0, sender `i` writes to room
+/// `i % rooms` (`room message`), else to the default room (`chat message`).
 pub async fn store(
     urls: &[String],
     senders: usize,
     window: usize,
     seconds: f64,
+    rooms: usize,
 ) -> anyhow::Result<f64> {
     let run = format!("s{}", now_micros());
     let started = Arc::new(Barrier::new(senders + 1));
@@ -348,12 +350,20 @@ pub async fn store(
         );
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::connect(&url, None).await?;
+            let room = (rooms > 0).then(|| format!("{run}-room-{}", i % rooms));
+            if let Some(room) = &room {
+                conn.join(room).await?;
+            }
             started.wait().await;
             let (mut in_flight, mut acked, mut seq) = (0usize, 0u64, 0u64);
             loop {
                 while in_flight < window && !stop.load(Relaxed) {
-                    conn.emit(&format!("{run}|{i}|{seq}|0"), &format!("{run}-{i}-{seq}"))
-                        .await?;
+                    let (content, offset) =
+                        (format!("{run}|{i}|{seq}|0"), format!("{run}-{i}-{seq}"));
+                    match &room {
+                        Some(room) => conn.emit_to(room, &content, &offset).await?,
+                        None => conn.emit(&content, &offset).await?,
+                    };
                     seq += 1;
                     in_flight += 1;
                 }
