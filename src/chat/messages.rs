@@ -310,12 +310,12 @@ pub(super) fn wire<A: Adapter>(
 }
 
 /// The success ack of a stored send: where the message is.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Ack<'a> {
+#[derive(Debug, Clone)]
+pub(super) enum Ack {
     /// `{ serverOffset }`, for `chat message`.
     Chat,
     /// `{ room, serverOffset }`, for room and private messages.
-    Room(&'a Room),
+    Room(Room),
 }
 
 /// What a queued send resolves to.
@@ -406,14 +406,10 @@ impl Sender {
         socket: SocketRef<A>,
         ack: AckSender<A>,
         queued: Result<impl Future<Output = Stored> + Send + 'static, InputError>,
-        shape: Ack<'_>,
+        shape: Ack,
         chat: &Arc<Chat>,
     ) {
         let arrived = Instant::now();
-        let room = match shape {
-            Ack::Chat => None,
-            Ack::Room(room) => Some(room.clone()),
-        };
         let (chat, sender) = (chat.clone(), self.clone());
         tokio::spawn(async move {
             match queued {
@@ -429,10 +425,7 @@ impl Sender {
                             tracing::info!(socket = %socket.id, reason = %reason, "send refused by the store");
                             reject(ack, &InputError::Refused, &chat.metrics);
                         }
-                        other => {
-                            let shape = room.as_ref().map_or(Ack::Chat, Ack::Room);
-                            answer(&socket, ack, other, shape);
-                        }
+                        other => answer(&socket, ack, other, &shape),
                     }
                 }
             }
@@ -459,7 +452,7 @@ impl Sender {
 }
 
 /// Acks a stored send; a transient failure gets no ack.
-fn answer<A: Adapter>(socket: &SocketRef<A>, ack: AckSender<A>, result: Stored, shape: Ack<'_>) {
+fn answer<A: Adapter>(socket: &SocketRef<A>, ack: AckSender<A>, result: Stored, shape: &Ack) {
     /// The success ack's payload: where the message is in the order.
     #[derive(Serialize)]
     struct Committed<'a> {

@@ -59,8 +59,9 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: &Arc<Chat>, sender: 
             let queued = room.clone().and_then(|room| {
                 room_sender.queue(room, args.get(1..).unwrap_or_default(), &for_room)
             });
-            let room = room.unwrap_or_else(|_| Room::default_room());
-            room_sender.answer_when_stored(socket, ack, queued, Ack::Room(&room), &for_room);
+            // The shape of a success ack; a refusal is acked with its error instead.
+            let shape = Ack::Room(room.unwrap_or_else(|_| Room::default_room()));
+            room_sender.answer_when_stored(socket, ack, queued, shape, &for_room);
             std::future::ready(())
         },
     );
@@ -74,8 +75,9 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: &Arc<Chat>, sender: 
             let queued = room.clone().and_then(|room| {
                 private_sender.queue(room, args.get(1..).unwrap_or_default(), &for_private)
             });
-            let room = room.unwrap_or_else(|_| Room::default_room());
-            private_sender.answer_when_stored(socket, ack, queued, Ack::Room(&room), &for_private);
+            // The shape of a success ack; a refusal is acked with its error instead.
+            let shape = Ack::Room(room.unwrap_or_else(|_| Room::default_room()));
+            private_sender.answer_when_stored(socket, ack, queued, shape, &for_private);
             std::future::ready(())
         },
     );
