@@ -153,6 +153,8 @@ struct RoomFeed {
 
 /// A socket's place in one room.
 struct Member {
+    /// Where its messages go (its socket's sink).
+    sink: Arc<dyn Sink>,
     /// The last offset this socket was given (or already had when it joined).
     cursor: i64,
     /// Live members get released messages directly; the others have a catch-up task.
@@ -230,6 +232,7 @@ impl State {
                     feed.members.insert(
                         id.clone(),
                         Member {
+                            sink: socket.sink.clone(),
                             cursor,
                             live: cursor >= head,
                         },
@@ -379,19 +382,15 @@ impl Feed {
         let mut fallen_behind = Vec::new();
         let mut gone = Vec::new();
         let mut delivered = 0u64;
-        let State { rooms, sockets, .. } = state;
-        let Some(feed) = rooms.get_mut(room) else {
+        let Some(feed) = state.rooms.get_mut(room) else {
             return;
         };
         for (id, member) in feed.members.iter_mut().filter(|(_, m)| m.live) {
-            let Some(socket) = sockets.get(id) else {
-                continue;
-            };
             for message in released {
                 if message.offset <= member.cursor {
                     continue;
                 }
-                match socket.sink.send(message) {
+                match member.sink.send(message) {
                     Ok(()) => {
                         member.cursor = message.offset;
                         delivered += 1;
@@ -426,7 +425,7 @@ impl Feed {
             person,
             conversations,
         } = subscriber;
-        let mut joined = Vec::new();
+        let (mut joined, mut behind) = (HashSet::new(), Vec::new());
         if let Some(person) = &person {
             state
                 .people
@@ -436,14 +435,14 @@ impl Feed {
             for (room, feed) in state.rooms.iter_mut() {
                 if room.has_person(person) {
                     let cursor = conversations.get(room).copied().unwrap_or(0);
-                    feed.members.insert(
-                        id.clone(),
-                        Member {
-                            cursor,
-                            live: false,
-                        },
-                    );
-                    joined.push(room.clone());
+                    let live = cursor >= feed.head;
+                    let sink = sink.clone();
+                    feed.members
+                        .insert(id.clone(), Member { sink, cursor, live });
+                    joined.insert(room.clone());
+                    if !live {
+                        behind.push(room.clone());
+                    }
                 }
             }
         }
@@ -453,24 +452,25 @@ impl Feed {
                 sink,
                 person,
                 conversations,
-                rooms: joined.iter().cloned().collect(),
+                rooms: joined,
             },
         );
         drop(state);
-        for room in joined {
+        for room in behind {
             self.spawn_catch_up(room, id.clone());
         }
     }
 
-    /// Makes a connected socket a member of `room` that has seen everything up to `after`; it
-    /// gets the rest, then live ones. Follows the room first when the node does not (reading
-    /// its head from the store). Returns the room's head here, or `None` when the socket is
-    /// gone. A socket already in the room stays where it is.
+    /// Makes a connected socket a member of `room` that has seen everything up to
+    /// `after(head)`, given the room's head here; it gets the rest, then live ones. Follows the
+    /// room first when the node does not (reading its head from the store). Returns the room's
+    /// head here, or `None` when the socket is gone. A socket already in the room stays where it
+    /// is.
     pub async fn subscribe(
         &self,
         room: &Room,
         id: &SubscriberId,
-        after: i64,
+        after: impl FnOnce(i64) -> i64,
     ) -> Result<Option<i64>, StoreError> {
         if !self.lock().rooms.contains_key(room) {
             let head = self.inner.store.head(room).await?;
@@ -495,8 +495,10 @@ impl Feed {
         if feed.members.contains_key(&**id) {
             return Ok(Some(head));
         }
+        let after = after(head);
         socket.rooms.insert(room.clone());
         let mut member = Member {
+            sink: socket.sink.clone(),
             cursor: after,
             live: true,
         };
@@ -510,7 +512,7 @@ impl Feed {
                     metrics.replay_started(ReplaySource::Ring);
                     metrics.replay_read(ReplaySource::Ring);
                     for message in missed {
-                        match socket.sink.send(message) {
+                        match member.sink.send(message) {
                             Ok(()) => member.cursor = message.offset,
                             Err(SinkError::Full) => {
                                 member.live = false;
@@ -649,23 +651,21 @@ impl Feed {
     fn position(&self, room: &Room, id: &str) -> Position {
         let page_size = self.inner.options.page_size;
         let mut state = self.lock();
-        let State { rooms, sockets, .. } = &mut *state;
-        let (Some(feed), Some(socket)) = (rooms.get_mut(room), sockets.get(id)) else {
+        // A member's socket is connected: both go together.
+        let Some(feed) = state.rooms.get_mut(room) else {
             return Position::Gone;
         };
         let head = feed.head;
-        let Some(member) = feed.members.get(id) else {
+        let Some(member) = feed.members.get_mut(id) else {
             return Position::Gone;
         };
         if member.cursor >= head {
-            if let Some(member) = feed.members.get_mut(id) {
-                member.live = true;
-            }
+            member.live = true;
             return Position::Live;
         }
-        let cursor = member.cursor;
+        let (sink, cursor) = (member.sink.clone(), member.cursor);
         Position::Behind {
-            sink: socket.sink.clone(),
+            sink,
             cursor,
             ring_page: feed
                 .ring_after(cursor)

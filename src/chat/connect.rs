@@ -343,9 +343,7 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
         });
     // The middleware already refused a bad offset, so this parse succeeds.
     let requested = requested_offset(auth.as_ref()).ok().flatten();
-    let default_head = chat.feed.head(&Room::default_room()).unwrap_or(0);
-    let after = start_after(requested, default_head, chat.history);
-    tracing::debug!(socket = %id, after, event = CHAT_MESSAGE, "subscribing");
+    tracing::debug!(socket = %id, ?requested, event = CHAT_MESSAGE, "subscribing");
     chat.feed.connect(
         id.clone(),
         Subscriber {
@@ -355,12 +353,9 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
         },
     );
     let default = Room::default_room();
-    let feed = chat.feed.clone();
     tokio::spawn(async move {
-        // The default room is always followed: its subscription reads nothing.
-        if let Err(error) = feed.subscribe(&default, &id, after).await {
-            tracing::warn!(error = %error, "could not subscribe to the default room");
-        }
+        // The default room is always followed, so this reads nothing and cannot fail.
+        subscribe_from(&chat, &default, &id, requested).await;
         for (room, requested) in &recovering.rooms {
             subscribe_from(&chat, room, &id, *requested).await;
         }
@@ -371,19 +366,13 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
 /// the store cannot say the room's head.
 async fn subscribe_from(chat: &Chat, room: &Room, id: &Arc<str>, requested: Option<i64>) {
     let mut pause = std::time::Duration::from_millis(100);
+    let history = chat.history;
     loop {
-        let head = match chat.feed.head(room) {
-            Some(head) => Ok(head),
-            None => chat.store.head(room).await,
-        };
-        let subscribed = match head {
-            Ok(head) => {
-                let after = start_after(requested, head, chat.history);
-                chat.feed.subscribe(room, id, after).await
-            }
-            Err(error) => Err(error),
-        };
-        match subscribed {
+        match chat
+            .feed
+            .subscribe(room, id, |head| start_after(requested, head, history))
+            .await
+        {
             Ok(_) => return,
             Err(_) if !chat.feed.knows(id) => return,
             Err(error) => {

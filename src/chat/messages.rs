@@ -303,8 +303,7 @@ pub(super) fn wire<A: Adapter>(
             let queued = args
                 .map_err(|_| InputError::ContentNotString)
                 .and_then(|args| sender.queue(Room::default_room(), &args.0, &chat));
-            sender.answer_when_stored(socket, ack, queued, Ack::Chat, &chat);
-            std::future::ready(())
+            sender.answer_when_stored(socket, ack, queued, Ack::Chat, &chat)
         },
     );
 }
@@ -398,20 +397,21 @@ impl Sender {
         Ok(chat.writer.submit(room, message))
     }
 
-    /// Answers a send once it is stored (or at once when it was refused): the success ack in
-    /// `shape`, an error ack for a permanent refusal, no ack for a transient failure. A socket
-    /// refused as too fast too often in a row is disconnected.
-    pub(super) fn answer_when_stored<A: Adapter>(
+    /// What answers a send once it is stored (or at once when it was refused): the success ack
+    /// in `shape`, an error ack for a permanent refusal, no ack for a transient failure. A
+    /// socket refused as too fast too often in a row is disconnected. The handler returns it,
+    /// and socketioxide spawns it.
+    pub(super) fn answer_when_stored<A: Adapter, F: Future<Output = Stored> + Send + 'static>(
         self: &Arc<Self>,
         socket: SocketRef<A>,
         ack: AckSender<A>,
-        queued: Result<impl Future<Output = Stored> + Send + 'static, InputError>,
+        queued: Result<F, InputError>,
         shape: Ack,
         chat: &Arc<Chat>,
-    ) {
+    ) -> impl Future<Output = ()> + Send + 'static + use<A, F> {
         let arrived = Instant::now();
         let (chat, sender) = (chat.clone(), self.clone());
-        tokio::spawn(async move {
+        async move {
             match queued {
                 Err(error) => {
                     reject(ack, &error, &chat.metrics);
@@ -430,7 +430,7 @@ impl Sender {
                 }
             }
             chat.metrics.ack.observe(arrived.elapsed().as_secs_f64());
-        });
+        }
     }
 
     /// Disconnects the socket when it has been refused as too fast often enough in a row.

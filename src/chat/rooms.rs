@@ -61,8 +61,7 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: &Arc<Chat>, sender: 
             });
             // The shape of a success ack; a refusal is acked with its error instead.
             let shape = Ack::Room(room.unwrap_or_else(|_| Room::default_room()));
-            room_sender.answer_when_stored(socket, ack, queued, shape, &for_room);
-            std::future::ready(())
+            room_sender.answer_when_stored(socket, ack, queued, shape, &for_room)
         },
     );
 
@@ -77,8 +76,7 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: &Arc<Chat>, sender: 
             });
             // The shape of a success ack; a refusal is acked with its error instead.
             let shape = Ack::Room(room.unwrap_or_else(|_| Room::default_room()));
-            private_sender.answer_when_stored(socket, ack, queued, shape, &for_private);
-            std::future::ready(())
+            private_sender.answer_when_stored(socket, ack, queued, shape, &for_private)
         },
     );
 }
@@ -195,30 +193,31 @@ async fn finish_join<A: Adapter>(
                 .remove(&room);
         }
     };
-    let head = match chat.feed.head(&room) {
-        Some(head) if requested.is_none_or(|after| after <= head) => Ok(head),
-        _ => chat.store.head(&room).await,
-    };
-    let head = match head {
-        Ok(head) => head,
-        Err(error) => {
-            tracing::warn!(error = %error, %room, "room head unreadable; join not acked");
-            undo();
-            return;
-        }
-    };
+    // An offset beyond what this node has released may still be behind the store's head:
+    // only the store can refuse it.
     if let Some(after) = requested
-        && after > head
+        && chat.feed.head(&room).is_none_or(|head| after > head)
     {
-        undo();
-        let error = InputError::BadOffset(format!(
-            "lastOffset {after} is ahead of the room's newest message ({head})"
-        ));
-        reject(ack, &error, &chat.metrics);
-        return;
+        match chat.store.head(&room).await {
+            Ok(head) if after > head => {
+                undo();
+                let error = InputError::BadOffset(format!(
+                    "lastOffset {after} is ahead of the room's newest message ({head})"
+                ));
+                reject(ack, &error, &chat.metrics);
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(error = %error, %room, "room head unreadable; join not acked");
+                undo();
+                return;
+            }
+        }
     }
     let id: Arc<str> = socket.id.to_string().into();
-    let after = start_after(requested, head, chat.history);
+    let history = chat.history;
+    let after = |head| start_after(requested, head, history);
     match chat.feed.subscribe(&room, &id, after).await {
         Ok(Some(head)) => {
             let joined = Joined {
