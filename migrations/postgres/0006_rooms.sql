@@ -2,9 +2,11 @@
 -- own lock. a room's row holds the last offset handed out in it; appenders to one room lock its
 -- row (so offsets are assigned in commit order within the room, trap 1 of docs/DESIGN.md), and
 -- appenders to different rooms never wait for each other. the default room, the tutorial's chat,
--- is the empty name, which no room name can be.
+-- is the empty name, which no room name can be. room names compare byte by byte ("C"): that is
+-- the code point order conversations are named in, and the cheapest comparison for the keys every
+-- append and read goes through.
 create table rooms (
-    name text primary key,
+    name text collate "C" primary key,
     head bigint not null default 0,
     -- the two people of a conversation ('@' + their names sorted, joined by '|'), so a node can
     -- find the conversations of the people connected to it; null for other rooms
@@ -16,8 +18,10 @@ create index rooms_person_b on rooms (person_b) where person_b is not null;
 insert into rooms (name, head) select '', head from message_head;
 
 alter table messages rename to room_messages;
-alter table room_messages add column room text not null default '';
+alter table room_messages add column room text collate "C" not null default '';
 alter table room_messages alter column room drop default;
+-- at_ms (0005) holds the time every reader uses; created_at only repeated it, in every row
+alter table room_messages drop column created_at;
 alter table room_messages drop constraint messages_pkey;
 alter table room_messages add primary key (room, id);
 -- a message is its room, client offset and content together: the same retry in another room is
@@ -30,7 +34,8 @@ create unique index room_messages_identity on room_messages (room, client_offset
 drop table message_head;
 create view message_head as select head from rooms where name = '';
 create view messages as
-    select id, client_offset, content, created_at, name, at_ms from room_messages where room = '';
+    select id, client_offset, content, to_timestamp(at_ms / 1000.0) as created_at, name, at_ms
+    from room_messages where room = '';
 
 -- appends a batch to one room in one round trip. returns, per input position (1-based), the
 -- message's offset in the room and whether this call inserted it (false: stored before)

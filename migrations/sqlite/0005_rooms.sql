@@ -17,15 +17,17 @@ create table room_messages (
     id integer not null,
     client_offset text,
     content text not null,
-    created_at text not null default (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    -- at_ms holds the time every reader uses (created_at of the old table only repeated it)
     name text not null default 'anonymous',
     at_ms integer not null default 0,
     primary key (room, id)
 );
-insert into room_messages (room, id, client_offset, content, created_at, name, at_ms)
-    select '', id, client_offset, content, created_at, name, at_ms from messages;
+insert into room_messages (room, id, client_offset, content, name, at_ms)
+    select '', id, client_offset, content, name, at_ms from messages;
 drop table messages;
 create unique index room_messages_identity on room_messages (room, client_offset, content);
 -- the default room as the table was before rooms
 create view messages as
-    select id, client_offset, content, created_at, name, at_ms from room_messages where room = '';
+    select id, client_offset, content,
+           strftime('%Y-%m-%dT%H:%M:%fZ', at_ms / 1000.0, 'unixepoch') as created_at, name, at_ms
+    from room_messages where room = '';
