@@ -123,6 +123,10 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
     let http_limits = HttpLimits::from(&settings.transport);
     let per_address = AddressCounts::new(settings.transport.max_connections_per_address);
     let limits = (&settings.limits).into();
+    let presence = Arc::new(match mode.client() {
+        Some(client) => chat::Presence::clustered(client, &settings.redis.prefix, node_id.clone()),
+        None => chat::Presence::single(),
+    });
     let chat = Arc::new(Chat {
         feed,
         writer,
@@ -134,6 +138,7 @@ pub async fn build(settings: Settings) -> Result<App, StartError> {
         verifier: Verifier::new(&settings.access)?,
         per_address: per_address.clone(),
         trusted_proxies: http_limits.trusted_proxies.clone(),
+        presence,
     });
     let http = Arc::new(HttpState {
         store: store.clone(),
@@ -292,6 +297,8 @@ impl Mode {
                     .map_err(|e| StartError::Adapter(e.to_string()))?;
                 connections.keep_subscribed(&subscriber, runtime).await;
                 let (svc, io) = builder.with_adapter::<FredAdapter<_>>(adapter).build_svc();
+                chat.presence
+                    .start(io.clone(), settings.chat.presence_timeout, runtime);
                 let limit = settings.redis.command_timeout * 2;
                 match tokio::time::timeout(limit, chat::register(&io, chat)).await {
                     Ok(Ok(())) => Ok(mount(routes, origins, svc, io)),

@@ -45,6 +45,9 @@ pub struct Settings {
 pub struct ChatSettings {
     /// How many of the newest messages a new client gets; `unlimited` replays everything.
     pub history: History,
+    /// How long after a node stops answering its people are taken out of their rooms (`left`).
+    #[serde(rename = "presence_timeout_ms", deserialize_with = "millis")]
+    pub presence_timeout: Duration,
 }
 
 /// What a client may send: the limits clients meet.
@@ -74,6 +77,8 @@ pub struct LimitSettings {
     /// Rooms one socket may be in at once besides the default room and its conversations; a
     /// join beyond it is refused.
     pub max_rooms_per_socket: usize,
+    /// `typing` events one socket may send per second (bursts of twice that); more are refused.
+    pub typing_per_second: u32,
 }
 
 /// Per-connection buffers and timeouts of the Socket.IO transport.
@@ -328,6 +333,7 @@ database_url = "sqlite://chorus.db"
 
 [chat]
 history = 100
+presence_timeout_ms = 15000
 
 [limits]
 max_message_chars = 4096
@@ -340,6 +346,7 @@ rate_limited_disconnect_after = 100
 address_messages_per_second = 100
 address_message_burst = 500
 max_rooms_per_socket = 64
+typing_per_second = 4
 
 [transport]
 max_buffer_size = 4096
@@ -481,6 +488,7 @@ impl Settings {
                 "limits.address_message_burst",
                 self.limits.address_message_burst,
             ),
+            ("limits.typing_per_second", self.limits.typing_per_second),
         ] {
             at_least(key, u64::from(value), 1)?;
         }
@@ -529,6 +537,7 @@ impl Settings {
                 "transport.handshake_timeout_ms",
                 self.transport.handshake_timeout,
             ),
+            ("chat.presence_timeout_ms", self.chat.presence_timeout),
         ] {
             at_least(
                 key,

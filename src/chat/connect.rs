@@ -11,7 +11,7 @@ use std::{
 use serde_json::Value;
 use socketioxide::{adapter::Adapter, extract::SocketRef, socket::DisconnectReason};
 
-use super::{CHAT_MESSAGE, Chat, SocketSink, messages, rooms::start_after};
+use super::{CHAT_MESSAGE, Chat, SocketSink, messages, presence, rooms::start_after};
 use crate::{
     access::TokenError,
     feed::Subscriber,
@@ -123,6 +123,8 @@ struct Admitted {
 
 /// Where an admitted socket starts, left in its extensions for the connect handler.
 struct Recovering {
+    /// The name its messages carry, which presence shows.
+    name: Arc<str>,
     /// The person it is, for conversations (none when anonymous).
     person: Option<Arc<str>>,
     /// The named rooms of `auth.rooms`, each with the offset to resume after (`None`: the
@@ -299,6 +301,7 @@ async fn recovering(
         conversations.insert(room, offset.unwrap_or(0));
     }
     Ok(Recovering {
+        name: Arc::from(person.unwrap_or(ANONYMOUS)),
         person: person.map(Arc::from),
         rooms,
         conversations,
@@ -322,11 +325,12 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
 
     let on_disconnect = chat.clone();
     let disconnect_id = id.clone();
-    socket.on_disconnect(move |_reason: DisconnectReason| {
+    socket.on_disconnect(move |socket: SocketRef<A>, _reason: DisconnectReason| {
         let chat = on_disconnect.clone();
         let id = disconnect_id.clone();
         async move {
             chat.feed.disconnect(&id);
+            chat.presence.disconnect(&socket);
             chat.metrics.connections.dec();
         }
     });
@@ -336,6 +340,7 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
         .remove::<Arc<Recovering>>()
         .unwrap_or_else(|| {
             Arc::new(Recovering {
+                name: Arc::from(ANONYMOUS),
                 person: None,
                 rooms: Vec::new(),
                 conversations: HashMap::new(),
@@ -344,6 +349,11 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
     // The middleware already refused a bad offset, so this parse succeeds.
     let requested = requested_offset(auth.as_ref()).ok().flatten();
     tracing::debug!(socket = %id, ?requested, event = CHAT_MESSAGE, "subscribing");
+    let name = recovering.name.clone();
+    if let Some(person) = &recovering.person {
+        socket.join(presence::person(person));
+    }
+    let for_presence = socket.clone();
     chat.feed.connect(
         id.clone(),
         Subscriber {
@@ -356,8 +366,10 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
     tokio::spawn(async move {
         // The default room is always followed, so this reads nothing and cannot fail.
         subscribe_from(&chat, &default, &id, requested).await;
+        chat.presence.enter(&for_presence, &default, &name).await;
         for (room, requested) in &recovering.rooms {
             subscribe_from(&chat, room, &id, *requested).await;
+            chat.presence.enter(&for_presence, room, &name).await;
         }
     });
 }

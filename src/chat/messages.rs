@@ -46,6 +46,8 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Most rooms one socket joins (besides the default room and its conversations).
     pub max_rooms: usize,
+    /// Each socket's `typing` rate.
+    pub typing_rate: governor::Quota,
 }
 
 impl From<&LimitSettings> for Limits {
@@ -64,6 +66,8 @@ impl From<&LimitSettings> for Limits {
             max_client_offset_chars: settings.max_client_offset_chars,
             max_in_flight: settings.max_in_flight,
             max_rooms: settings.max_rooms_per_socket,
+            typing_rate: governor::Quota::per_second(nonzero(settings.typing_per_second))
+                .allow_burst(nonzero(settings.typing_per_second.saturating_mul(2))),
         }
     }
 }
@@ -150,6 +154,9 @@ pub enum InputError {
     /// The recipient of a private message is not a name, or is the sender.
     #[error("recipient: {0}")]
     BadRecipient(String),
+    /// `typing`'s second argument is not a boolean.
+    #[error("typing must be true or false")]
+    NotTyping,
     /// A sender without a name (anonymous) cannot have conversations.
     #[error("private messages need a name: connect with auth.name")]
     Nameless,
@@ -178,6 +185,7 @@ impl InputError {
             Self::BadOffset(_) => "invalid_offset",
             Self::BadRecipient(_) => "invalid_recipient",
             Self::Nameless => "no_name",
+            Self::NotTyping => "invalid_typing",
         }
     }
 }
@@ -331,6 +339,8 @@ pub(super) struct Sender {
     pub(super) name: String,
     /// The named rooms it joined (the default room and its conversations are always its).
     pub(super) rooms: Mutex<HashSet<Room>>,
+    /// A token bucket for its `typing` events (`limits.typing_per_second`).
+    pub(super) typing: governor::DefaultDirectRateLimiter,
     /// Sends queued for the writer and not answered yet.
     in_flight: AtomicUsize,
     /// Sends refused as too fast since the last one that was not.
@@ -344,6 +354,7 @@ impl Sender {
             client,
             name,
             rooms: Mutex::new(rooms),
+            typing: governor::RateLimiter::direct(limits.typing_rate),
             in_flight: AtomicUsize::new(0),
             too_fast_in_a_row: AtomicU32::new(0),
         }
@@ -512,6 +523,7 @@ mod tests {
         max_client_offset_chars: 4,
         max_in_flight: 8,
         max_rooms: 2,
+        typing_rate: governor::Quota::per_second(std::num::NonZeroU32::MIN),
     };
 
     #[test]

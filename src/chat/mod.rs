@@ -3,6 +3,7 @@
 
 mod connect;
 mod messages;
+mod presence;
 mod rooms;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::{
 
 pub use connect::{HandshakeError, requested_name, requested_offset, requested_rooms};
 pub use messages::{AddressRates, EventArgs, InputError, Limits, ValidSend, parse_send};
+pub use presence::Presence;
 
 /// The event name of the tutorial's contract, both directions: the default room's messages.
 pub const CHAT_MESSAGE: &str = "chat message";
@@ -58,6 +60,8 @@ pub struct Chat {
     pub per_address: Arc<AddressCounts>,
     /// The load balancers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: TrustedProxies,
+    /// Who is where, cluster-wide.
+    pub presence: Arc<Presence>,
 }
 
 /// Registers the `/` namespace on `io`; returns what the adapter needs awaited, if anything.

@@ -1,5 +1,5 @@
-//! Rooms and private messages from clients: `join`, `leave`, `room message` and
-//! `private message` (SPEC, "Rooms and people").
+//! Rooms and private messages from clients: `join`, `leave`, `room message`,
+//! `private message`, and presence's `who` and `typing` (SPEC, "Rooms and people").
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use socketioxide::{
 use super::{
     Chat, JOIN, LEAVE, PRIVATE_MESSAGE, ROOM_MESSAGE,
     messages::{Ack, EventArgs, InputError, Sender, reject},
+    presence::{self, TYPING, WHO},
 };
 use crate::{
     config::History,
@@ -22,6 +23,7 @@ use crate::{
 
 /// Registers the rooms' events on an admitted socket, whose sends `sender` holds to its limits.
 pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: &Arc<Chat>, sender: &Arc<Sender>) {
+    wire_presence(socket, chat, sender);
     let (for_join, joiner) = (chat.clone(), sender.clone());
     socket.on(
         JOIN,
@@ -45,8 +47,27 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: &Arc<Chat>, sender: 
         LEAVE,
         move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
             let args = args.map(|a| a.0).unwrap_or_default();
-            on_leave(&socket, &args, ack, &for_leave, &leaver);
-            std::future::ready(())
+            // Left here, before the handler returns, so a send pipelined after it is refused.
+            let left = on_leave(&socket, &args, &for_leave, &leaver);
+            let (chat, name) = (for_leave.clone(), leaver.name.clone());
+            async move {
+                #[derive(Serialize)]
+                struct Left<'a> {
+                    room: &'a str,
+                }
+                match left {
+                    Ok((room, was_in)) => {
+                        // Presence first, as for a join.
+                        if was_in {
+                            chat.presence.exit(&socket, &room, &name).await;
+                        }
+                        if let Err(error) = ack.send(&(None::<()>, Left { room: room.key() })) {
+                            tracing::debug!(socket = %socket.id, error = ?error, "leave ack not sent");
+                        }
+                    }
+                    Err(error) => reject(ack, &error, &chat.metrics),
+                }
+            }
         },
     );
 
@@ -79,6 +100,102 @@ pub(super) fn wire<A: Adapter>(socket: &SocketRef<A>, chat: &Arc<Chat>, sender: 
             private_sender.answer_when_stored(socket, ack, queued, shape, &for_private)
         },
     );
+}
+
+/// Registers `who` and `typing`.
+fn wire_presence<A: Adapter>(socket: &SocketRef<A>, chat: &Arc<Chat>, sender: &Arc<Sender>) {
+    let (for_who, asker) = (chat.clone(), sender.clone());
+    socket.on(
+        WHO,
+        move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
+            let args = args.map(|a| a.0).unwrap_or_default();
+            let (chat, sender) = (for_who.clone(), asker.clone());
+            let room = asker.take_rate(&for_who).and_then(|()| {
+                let room = Room::from_arg(args.first())?;
+                if sender.may_send_to(&room) {
+                    Ok(room)
+                } else {
+                    Err(InputError::NotAMember(room.key().to_owned()))
+                }
+            });
+            async move {
+                #[derive(Serialize)]
+                struct People<'a> {
+                    room: Option<&'a str>,
+                    people: Vec<String>,
+                }
+                let room = match room {
+                    Ok(room) => room,
+                    Err(error) => {
+                        reject(ack, &error, &chat.metrics);
+                        sender.disconnect_if_abusive(&socket, &error, &chat.limits);
+                        return;
+                    }
+                };
+                match chat.presence.who(&socket, &room).await {
+                    Ok(people) => {
+                        let answer = People {
+                            room: room.to_arg(),
+                            people,
+                        };
+                        if let Err(error) = ack.send(&(None::<()>, answer)) {
+                            tracing::debug!(error = ?error, "who ack not sent");
+                        }
+                    }
+                    // The cluster did not answer: no ack, the client may ask again.
+                    Err(error) => tracing::warn!(error = %error, %room, "who unanswered"),
+                }
+            }
+        },
+    );
+
+    let (for_typing, typist) = (chat.clone(), sender.clone());
+    socket.on(
+        TYPING,
+        move |socket: SocketRef<A>, TryData(args): TryData<EventArgs>, ack: AckSender<A>| {
+            let args = args.map(|a| a.0).unwrap_or_default();
+            let checked = check_typing(&args, &typist);
+            let name = typist.name.clone();
+            let metrics = for_typing.metrics.clone();
+            async move {
+                let (room, typing) = match checked {
+                    Ok(checked) => checked,
+                    Err(error) => {
+                        reject(ack, &error, &metrics);
+                        return;
+                    }
+                };
+                if let Err(error) = ack.send(&None::<()>) {
+                    tracing::trace!(error = ?error, "typing ack not sent");
+                }
+                #[derive(Serialize)]
+                struct Typing<'a>(Option<&'a str>, &'a str, bool);
+                let to = match room.people() {
+                    Some((a, b)) => vec![presence::person(a), presence::person(b)],
+                    None => vec![presence::members(&room)],
+                };
+                let event = Typing(room.to_arg(), &name, typing);
+                if let Err(error) = socket.to(to).emit(TYPING, &event).await {
+                    tracing::debug!(error = %error, %room, "typing not sent");
+                }
+            }
+        },
+    );
+}
+
+/// Checks `typing(room, typing)`: its own rate, a room the socket is in, a boolean.
+fn check_typing(args: &[Value], sender: &Sender) -> Result<(Room, bool), InputError> {
+    if sender.typing.check().is_err() {
+        return Err(InputError::TooFast);
+    }
+    let room = Room::from_arg(args.first())?;
+    if !sender.may_send_to(&room) {
+        return Err(InputError::NotAMember(room.key().to_owned()));
+    }
+    match args.get(1) {
+        Some(Value::Bool(typing)) => Ok((room, *typing)),
+        _ => Err(InputError::NotTyping),
+    }
 }
 
 /// The conversation of the sender with the recipient a `private message` names.
@@ -220,6 +337,10 @@ async fn finish_join<A: Adapter>(
     let after = |head| start_after(requested, head, history);
     match chat.feed.subscribe(&room, &id, after).await {
         Ok(Some(head)) => {
+            // Presence first: once the join is acked, the room knows the socket is there.
+            if added {
+                chat.presence.enter(&socket, &room, &sender.name).await;
+            }
             let joined = Joined {
                 room: room.to_arg(),
                 head,
@@ -237,40 +358,27 @@ async fn finish_join<A: Adapter>(
     }
 }
 
-/// `leave(room)`: the socket stops getting the room's messages; acks `{ room }` (also when it
-/// was not in the room). The default room and conversations are not left.
+/// `leave(room)`: the socket stops getting the room's messages; the room, and whether the
+/// socket was in it (leaving a room one is not in is acked too). The default room and
+/// conversations are not left.
 fn on_leave<A: Adapter>(
     socket: &SocketRef<A>,
     args: &[Value],
-    ack: AckSender<A>,
     chat: &Chat,
     sender: &Sender,
-) {
-    #[derive(Serialize)]
-    struct Left<'a> {
-        room: &'a str,
-    }
+) -> Result<(Room, bool), InputError> {
     let room = match Room::from_arg(args.first()) {
         Ok(room) if room.is_default() || room.is_conversation() => Err(InputError::CannotLeave),
         Ok(room) => Ok(room),
         Err(error) => Err(error.into()),
-    };
-    let room = match room {
-        Ok(room) => room,
-        Err(error) => {
-            reject(ack, &error, &chat.metrics);
-            return;
-        }
-    };
-    sender
+    }?;
+    let was_in = sender
         .rooms
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&room);
     chat.feed.unsubscribe(&room, &socket.id.to_string());
-    if let Err(error) = ack.send(&(None::<()>, Left { room: room.key() })) {
-        tracing::debug!(socket = %socket.id, error = ?error, "leave ack not sent");
-    }
+    Ok((room, was_in))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod deploy;
 mod faults;
 mod input;
 mod names;
+mod presence;
 mod recovery;
 mod rooms;
 mod support;

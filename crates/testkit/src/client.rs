@@ -366,6 +366,33 @@ impl Client {
         .await
     }
 
+    /// `who(room)`: waits for the ack (`{ room, people }`). `room` `None` is the default room.
+    pub async fn who(&self, room: Option<&str>) -> Ack {
+        self.request("who", vec![json!(room)]).await
+    }
+
+    /// `typing(room, typing)`: waits for the ack.
+    pub async fn typing(&self, room: Option<&str>, typing: bool) -> Ack {
+        self.request("typing", vec![json!(room), json!(typing)])
+            .await
+    }
+
+    /// Waits up to `timeout` for the next `event`, skipping every other; its arguments.
+    pub async fn next_named(
+        &mut self,
+        event: &str,
+        timeout: Duration,
+    ) -> Result<Vec<Value>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (name, args) = self.next_event(left).await?;
+            if name == event {
+                return Ok(args);
+            }
+        }
+    }
+
     /// Emits `event` with `args` and waits up to [`ACK_TIMEOUT`] for its ack; fails the test if
     /// none comes.
     pub async fn request(&self, event: &str, args: Vec<Value>) -> Ack {

@@ -1,0 +1,209 @@
+//! Presence and typing across nodes: `who` sees everyone in a room on any node, `joined` and
+//! `left` fire on a person's first and last socket, a node killed with SIGKILL takes its people
+//! out within the presence timeout, and `typing` reaches the room's other members, limited.
+
+use std::time::{Duration, Instant};
+
+use chorus_testkit::{
+    Client, ClientError, Node, NodeSetup, ProcNode, REDIS, TestDb, TestSettings, free_port,
+    spawn_cluster, stop_all, unique,
+};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(10);
+
+/// The next `joined`, `left` or `typing` event about `room` (`None`: the default room), skipping
+/// every other event; `(event, args)`.
+async fn next_about(client: &mut Client, room: Option<&str>) -> (String, Vec<Value>) {
+    let deadline = Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (event, args) = client
+            .next_event(left)
+            .await
+            .unwrap_or_else(|e| panic!("no presence event about {room:?}: {e}"));
+        let about = args.first().cloned().unwrap_or(Value::Null);
+        if ["joined", "left", "typing"].contains(&event.as_str()) && about == json!(room) {
+            return (event, args);
+        }
+    }
+}
+
+fn people(ack: &chorus_testkit::Ack) -> Vec<String> {
+    ack.assert_ok();
+    serde_json::from_value(ack.field("people").cloned().expect("people")).expect("names")
+}
+
+async fn named(url: &str, name: &str) -> Client {
+    Client::connect(url, Some(json!({ "name": name })))
+        .await
+        .expect("connect")
+}
+
+/// Three people on three nodes in one room: each sees the others arrive, `who` lists them
+/// from any node, a person's second socket announces nothing and neither does leaving with one
+/// socket still there, the last one leaving is `left`, and typing reaches the others (not the
+/// typist), a conversation's other person, at a bounded rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_reach_every_node() {
+    let db = TestDb::new().await;
+    let nodes = spawn_cluster(3, &db, REDIS, &unique("presence")).await;
+    let mut ada = named(&nodes[0].url, "Ada").await;
+    ada.join("lobby", None).await.assert_ok();
+    // A joiner's room gets its `joined`, the joiner included.
+    assert_eq!(
+        next_about(&mut ada, Some("lobby")).await,
+        ("joined".into(), vec![json!("lobby"), json!("Ada")])
+    );
+    let mut bob = named(&nodes[1].url, "Bob").await;
+    bob.join("lobby", None).await.assert_ok();
+    assert_eq!(
+        next_about(&mut bob, Some("lobby")).await,
+        ("joined".into(), vec![json!("lobby"), json!("Bob")])
+    );
+    assert_eq!(
+        next_about(&mut ada, Some("lobby")).await,
+        ("joined".into(), vec![json!("lobby"), json!("Bob")])
+    );
+    let mut cy = named(&nodes[2].url, "Cy").await;
+    cy.join("lobby", None).await.assert_ok();
+    assert_eq!(
+        next_about(&mut bob, Some("lobby")).await,
+        ("joined".into(), vec![json!("lobby"), json!("Cy")])
+    );
+    assert_eq!(people(&cy.who(Some("lobby")).await), ["Ada", "Bob", "Cy"]);
+    assert_eq!(people(&ada.who(None).await), ["Ada", "Bob", "Cy"]);
+
+    // Ada's second socket, on Cy's node: no second `joined`. Cy's typing, sent after it from
+    // the same node, reaches Bob first.
+    let ada_phone = named(&nodes[2].url, "Ada").await;
+    ada_phone.join("lobby", None).await.assert_ok();
+    cy.typing(Some("lobby"), true).await.assert_ok();
+    assert_eq!(
+        next_about(&mut bob, Some("lobby")).await,
+        (
+            "typing".into(),
+            vec![json!("lobby"), json!("Cy"), json!(true)]
+        )
+    );
+    // One of Ada's two sockets leaves: she is still there.
+    ada.leave("lobby").await.assert_ok();
+    cy.typing(Some("lobby"), false).await.assert_ok();
+    assert_eq!(
+        next_about(&mut bob, Some("lobby")).await,
+        (
+            "typing".into(),
+            vec![json!("lobby"), json!("Cy"), json!(false)]
+        )
+    );
+    ada_phone.leave("lobby").await.assert_ok();
+    assert_eq!(
+        next_about(&mut bob, Some("lobby")).await,
+        ("left".into(), vec![json!("lobby"), json!("Ada")])
+    );
+    assert_eq!(people(&bob.who(Some("lobby")).await), ["Bob", "Cy"]);
+    // The typist does not get its own typing.
+    assert!(
+        matches!(
+            cy.next_named("typing", Duration::from_millis(300)).await,
+            Err(ClientError::Timeout)
+        ),
+        "Cy got its own typing back"
+    );
+    // Disconnecting is leaving every room.
+    cy.close().await;
+    assert_eq!(
+        next_about(&mut bob, Some("lobby")).await,
+        ("left".into(), vec![json!("lobby"), json!("Cy")])
+    );
+
+    // A conversation's typing reaches the other person.
+    ada.typing(Some("@Ada|Bob"), true).await.assert_ok();
+    assert_eq!(
+        next_about(&mut bob, Some("@Ada|Bob")).await,
+        (
+            "typing".into(),
+            vec![json!("@Ada|Bob"), json!("Ada"), json!(true)]
+        )
+    );
+
+    // Refused: a room the socket is not in, a value that is not a boolean, too fast.
+    assert_eq!(
+        bob.typing(Some("nowhere"), true).await.error_code(),
+        Some("not_a_member")
+    );
+    assert_eq!(
+        bob.who(Some("nowhere")).await.error_code(),
+        Some("not_a_member")
+    );
+    let not_bool = bob
+        .request("typing", vec![json!("lobby"), json!("yes")])
+        .await;
+    assert_eq!(not_bool.error_code(), Some("invalid_typing"));
+    let mut codes = Vec::new();
+    for _ in 0..30 {
+        codes.push(
+            bob.typing(Some("lobby"), true)
+                .await
+                .error_code()
+                .map(str::to_owned),
+        );
+    }
+    assert!(
+        codes.iter().any(Option::is_none),
+        "no typing allowed: {codes:?}"
+    );
+    assert!(
+        codes.iter().any(|c| c.as_deref() == Some("rate_limited")),
+        "typing is not limited: {codes:?}"
+    );
+    for client in [ada, ada_phone, bob] {
+        client.close().await;
+    }
+    stop_all(nodes).await;
+}
+
+/// A node killed with SIGKILL says nothing; the others take its people out of their rooms
+/// (`left`, and `who` without them) within the presence timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_people_leave_within_the_presence_timeout() {
+    let db = TestDb::new().await;
+    let settings = TestSettings::new(&db)
+        .redis(REDIS, &unique("presence-kill"))
+        .set("CHORUS__CHAT__PRESENCE_TIMEOUT_MS", "1500");
+    let survivor = Node::start(settings.build()).await;
+    let setup = NodeSetup::new(env!("CARGO_BIN_EXE_chorus"), settings);
+    let mut doomed = ProcNode::start("doomed", free_port(), &setup);
+    doomed.ready().await;
+
+    let mut ada = named(&survivor.url, "Ada").await;
+    ada.join("lobby", None).await.assert_ok();
+    assert_eq!(
+        next_about(&mut ada, Some("lobby")).await,
+        ("joined".into(), vec![json!("lobby"), json!("Ada")])
+    );
+    let dan = named(&format!("http://127.0.0.1:{}", doomed.port), "Dan").await;
+    dan.join("lobby", None).await.assert_ok();
+    assert_eq!(
+        next_about(&mut ada, Some("lobby")).await,
+        ("joined".into(), vec![json!("lobby"), json!("Dan")])
+    );
+    assert_eq!(people(&ada.who(Some("lobby")).await), ["Ada", "Dan"]);
+
+    doomed.kill().await;
+    let killed = Instant::now();
+    assert_eq!(
+        next_about(&mut ada, Some("lobby")).await,
+        ("left".into(), vec![json!("lobby"), json!("Dan")])
+    );
+    let took = killed.elapsed();
+    println!("Dan left {took:?} after his node was killed (presence timeout 1.5 s)");
+    assert!(
+        took < Duration::from_millis(1500 + 2000),
+        "left came {took:?} after the kill"
+    );
+    assert_eq!(people(&ada.who(Some("lobby")).await), ["Ada"]);
+    drop(dan);
+    ada.close().await;
+    survivor.stop().await;
+}
