@@ -2,6 +2,7 @@
 
 mod abuse;
 mod access;
+mod browser;
 mod cluster;
 mod deploy;
 mod faults;
