@@ -97,6 +97,9 @@ struct FanoutArgs {
     /// How long the senders send
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Rooms the connections are spread over (each sender writes to its own); 0: the default room
+    #[arg(long, default_value_t = 0)]
+    rooms: usize,
 }
 
 /// What every scenario takes.
@@ -282,6 +285,7 @@ async fn ramp(system: System, nodes: usize, o: &Options) -> anyhow::Result<Vec<F
                 senders,
                 rate,
                 seconds,
+                rooms: 0,
             },
         )
         .await?;
@@ -413,6 +417,7 @@ async fn flood(o: &Options) -> anyhow::Result<()> {
         senders: 10,
         rate: 5.0,
         seconds,
+        rooms: 0,
     };
     let defaults = [
         ("CHORUS__LIMITS__MESSAGES_PER_SECOND", "10"),
@@ -917,6 +922,7 @@ async fn main() -> anyhow::Result<()> {
                 senders: args.senders,
                 rate: args.rate,
                 seconds: args.seconds,
+                rooms: args.rooms,
             };
             let r = scenarios::fanout(&cluster.urls(), params).await?;
             println!("{}", fanout_line(o.system, o.nodes, &r));

@@ -39,6 +39,16 @@ pub struct Fanout {
     pub rate: f64,
     /// How long senders send.
     pub seconds: f64,
+    /// Rooms the connections are spread over (connection `i` in room `i % rooms`, each sender
+    /// writing to its own); 0: everyone in the default room.
+    pub rooms: usize,
+}
+
+impl Fanout {
+    /// Whether connection `i` gets what sender `s` sends.
+    fn hears(&self, i: usize, s: usize) -> bool {
+        self.rooms == 0 || i % self.rooms == s % self.rooms
+    }
 }
 
 /// What a fanout run measured.
@@ -166,12 +176,17 @@ struct Run {
 /// everything, until sending is done and it has every message (or the drain time is over).
 async fn connection(
     url: String,
+    index: usize,
     sender: Option<usize>,
     params: Fanout,
     run: Arc<Run>,
     drain: Duration,
 ) -> anyhow::Result<ConnStats> {
     let mut conn = Conn::connect(&url, None).await?;
+    let room = (params.rooms > 0).then(|| format!("{}-room-{}", run.id, index % params.rooms));
+    if let Some(room) = &room {
+        conn.join(room).await?;
+    }
     let mut stats = ConnStats::default();
     let mut pending: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
     run.started.wait().await;
@@ -188,8 +203,9 @@ async fn connection(
     loop {
         if run.sending_done.load(Relaxed) {
             let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + drain);
-            let complete =
-                (0..run.senders).all(|s| stats.distinct_from(s) >= run.sent[s].load(Relaxed));
+            let complete = (0..run.senders)
+                .filter(|s| params.hears(index, *s))
+                .all(|s| stats.distinct_from(s) >= run.sent[s].load(Relaxed));
             if (complete && pending.is_empty()) || Instant::now() >= deadline {
                 break;
             }
@@ -199,7 +215,11 @@ async fn connection(
             _ = tick.tick(), if sending => {
                 let s = sender.unwrap_or(0);
                 let content = format!("{}|{s}|{seq}|{}", run.id, now_micros());
-                let id = conn.emit(&content, &format!("{}-{s}-{seq}", run.id)).await?;
+                let offset = format!("{}-{s}-{seq}", run.id);
+                let id = match &room {
+                    Some(room) => conn.emit_to(room, &content, &offset).await?,
+                    None => conn.emit(&content, &offset).await?,
+                };
                 pending.insert(id, Instant::now());
                 seq += 1;
                 stats.sent += 1;
@@ -251,6 +271,7 @@ pub async fn fanout(urls: &[String], params: Fanout) -> anyhow::Result<FanoutRes
         let sender = (i < params.senders).then_some(i);
         tasks.push(tokio::spawn(connection(
             url,
+            i,
             sender,
             params,
             run.clone(),
@@ -269,9 +290,9 @@ pub async fn fanout(urls: &[String], params: Fanout) -> anyhow::Result<FanoutRes
     let mut total = ConnStats::default();
     let (mut lost, mut last) = (0u64, start);
     let sent: Vec<u64> = run.sent.iter().map(|s| s.load(Relaxed)).collect();
-    for stats in join_all(tasks).await {
+    for (i, stats) in join_all(tasks).await.into_iter().enumerate() {
         let stats = stats.context("connection task")??;
-        for (s, n) in sent.iter().enumerate() {
+        for (s, n) in sent.iter().enumerate().filter(|(s, _)| params.hears(i, *s)) {
             lost += n.saturating_sub(stats.distinct_from(s));
         }
         total.latency.merge(&stats.latency);

@@ -312,6 +312,15 @@ pub fn decode_lean(text: &str) -> Lean<'_> {
             _ => Lean::Other,
         });
     }
+    // A room's message, `42["room message","room",...]`, read as a chat message when its room
+    // has no escapes (a load generator knows what room each connection is in).
+    if let Some(rest) = text.strip_prefix("42[\"room message\",\"")
+        && let Some((room, rest)) = rest.split_once('"')
+        && !room.contains('\\')
+        && let Some(message) = rest.strip_prefix(',').and_then(lean_chat_message)
+    {
+        return message;
+    }
     if let Some(rest) = text.strip_prefix("43") {
         let (digits, payload) = split_digits(rest);
         if let Ok(id) = digits.parse() {
@@ -572,6 +581,17 @@ mod tests {
 
     #[test]
     fn lean_reads_chat_messages_acks_and_pings() {
+        assert_eq!(
+            decode_lean("42[\"room message\",\"r-1\",\"b|1|2|3\",4,{\"name\":\"a\",\"at\":1}]"),
+            Lean::ChatMessage {
+                content: Cow::Borrowed("b|1|2|3"),
+                offset: 4
+            }
+        );
+        assert_eq!(
+            decode_lean("42[\"room message\",\"r\\\"x\",\"c\",4]"),
+            Lean::Other
+        );
         assert_eq!(
             decode_lean("42[\"chat message\",\"b|1|2|3\",17]"),
             Lean::ChatMessage {
