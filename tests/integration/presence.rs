@@ -163,8 +163,8 @@ async fn presence_and_typing_reach_every_node() {
     stop_all(nodes).await;
 }
 
-/// A node killed with SIGKILL says nothing; the others take its people out of their rooms
-/// (`left`, and `who` without them) within the presence timeout.
+/// A node killed with SIGKILL says nothing; the two others take its people out of their rooms
+/// (`left` on both, and `who` without them) within the presence timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_people_leave_within_the_presence_timeout() {
     let db = TestDb::new().await;
@@ -172,6 +172,7 @@ async fn a_killed_nodes_people_leave_within_the_presence_timeout() {
         .redis(REDIS, &unique("presence-kill"))
         .set("CHORUS__CHAT__PRESENCE_TIMEOUT_MS", "1500");
     let survivor = Node::start(settings.build()).await;
+    let other = Node::start(settings.build()).await;
     let setup = NodeSetup::new(env!("CARGO_BIN_EXE_chorus"), settings);
     let mut doomed = ProcNode::start("doomed", free_port(), &setup);
     doomed.ready().await;
@@ -182,13 +183,23 @@ async fn a_killed_nodes_people_leave_within_the_presence_timeout() {
         next_about(&mut ada, Some("lobby")).await,
         ("joined".into(), vec![json!("lobby"), json!("Ada")])
     );
+    let mut eve = named(&other.url, "Eve").await;
+    eve.join("lobby", None).await.assert_ok();
+    assert_eq!(
+        next_about(&mut eve, Some("lobby")).await,
+        ("joined".into(), vec![json!("lobby"), json!("Eve")])
+    );
     let dan = named(&format!("http://127.0.0.1:{}", doomed.port), "Dan").await;
     dan.join("lobby", None).await.assert_ok();
-    assert_eq!(
-        next_about(&mut ada, Some("lobby")).await,
-        ("joined".into(), vec![json!("lobby"), json!("Dan")])
-    );
-    assert_eq!(people(&ada.who(Some("lobby")).await), ["Ada", "Dan"]);
+    for client in [&mut ada, &mut eve] {
+        // Ada also saw Eve arrive.
+        let mut seen = next_about(client, Some("lobby")).await;
+        if seen.1[1] == json!("Eve") {
+            seen = next_about(client, Some("lobby")).await;
+        }
+        assert_eq!(seen, ("joined".into(), vec![json!("lobby"), json!("Dan")]));
+    }
+    assert_eq!(people(&ada.who(Some("lobby")).await), ["Ada", "Dan", "Eve"]);
 
     doomed.kill().await;
     let killed = Instant::now();
@@ -197,13 +208,19 @@ async fn a_killed_nodes_people_leave_within_the_presence_timeout() {
         ("left".into(), vec![json!("lobby"), json!("Dan")])
     );
     let took = killed.elapsed();
+    assert_eq!(
+        next_about(&mut eve, Some("lobby")).await,
+        ("left".into(), vec![json!("lobby"), json!("Dan")])
+    );
     println!("Dan left {took:?} after his node was killed (presence timeout 1.5 s)");
     assert!(
         took < Duration::from_millis(1500 + 2000),
         "left came {took:?} after the kill"
     );
-    assert_eq!(people(&ada.who(Some("lobby")).await), ["Ada"]);
+    assert_eq!(people(&eve.who(Some("lobby")).await), ["Ada", "Eve"]);
     drop(dan);
     ada.close().await;
+    eve.close().await;
     survivor.stop().await;
+    other.stop().await;
 }

@@ -83,6 +83,9 @@ test('two people on two nodes chat in a room and in private, and a reconnect los
     await until('Ada\'s message confirmed', async () =>
       (await shown(ada)).some((m) => m.text.startsWith('hello from Ada') && m.state === 'stored'));
     assert.equal(await bob.locator('#messages b').count(), 0, 'content is text, never HTML');
+    // A send the server refuses (longer than limits.max_message_chars) is marked, not lost.
+    await say(ada, 'x'.repeat(5000));
+    await ada.locator('#messages li.failed', { hasText: 'not sent' }).waitFor({ timeout: WAIT });
     await ada.screenshot({ path: join(shots, 'ada-lobby.png') });
 
     // Private: Ada clicks Bob in the online list and writes; Bob sees an unread conversation.
