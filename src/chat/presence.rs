@@ -166,8 +166,15 @@ impl Presence {
             .fetch_sockets()
             .await
             .map(|sockets| sockets.is_empty());
-        socket.join([members(room), theirs]);
+        socket.join([members(room), theirs.clone()]);
         self.count(room, person, 1);
+        // A socket that closed during the fetch has been through its disconnect already: take
+        // back what was just added, or it would stay listed as a ghost.
+        if !socket.connected() {
+            socket.leave([members(room), theirs]);
+            self.count(room, person, -1);
+            return;
+        }
         match first {
             Ok(true) => announce(socket, room, JOINED, person).await,
             Ok(false) => {}
