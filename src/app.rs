@@ -297,11 +297,16 @@ impl Mode {
                     .map_err(|e| StartError::Adapter(e.to_string()))?;
                 connections.keep_subscribed(&subscriber, runtime).await;
                 let (svc, io) = builder.with_adapter::<FredAdapter<_>>(adapter).build_svc();
-                chat.presence
-                    .start(io.clone(), settings.chat.presence_timeout, runtime);
+                let presence = chat.presence.clone();
                 let limit = settings.redis.command_timeout * 2;
                 match tokio::time::timeout(limit, chat::register(&io, chat)).await {
-                    Ok(Ok(())) => Ok(mount(routes, origins, svc, io)),
+                    Ok(Ok(())) => {
+                        // After the namespace exists: the first thing the presence task may do
+                        // is send `left` for people an earlier run of this node left behind,
+                        // and socketioxide panics on a broadcast to a namespace not yet there.
+                        presence.start(io.clone(), settings.chat.presence_timeout, runtime);
+                        Ok(mount(routes, origins, svc, io))
+                    }
                     Ok(Err(e)) => Err(StartError::Adapter(e.to_string())),
                     Err(_) => Err(StartError::Adapter("timed out".into())),
                 }

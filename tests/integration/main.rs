@@ -8,6 +8,7 @@ mod deploy;
 mod faults;
 mod input;
 mod names;
+mod nemesis;
 mod presence;
 mod recovery;
 mod rooms;

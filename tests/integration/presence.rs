@@ -224,3 +224,57 @@ async fn a_killed_nodes_people_leave_within_the_presence_timeout() {
     survivor.stop().await;
     other.stop().await;
 }
+
+/// A node killed and restarted before the others notice clears what its earlier run recorded
+/// itself, at start-up: its people's `left` comes at once, and nothing in it panics (its first
+/// `left` once raced the registration of the namespace, and the panic took the node's presence
+/// heartbeat with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_at_once_takes_its_earlier_people_out() {
+    let db = TestDb::new().await;
+    // Long enough that the survivor does not reap the killed node first.
+    let settings = TestSettings::new(&db)
+        .redis(REDIS, &unique("presence-restart"))
+        .set("CHORUS__CHAT__PRESENCE_TIMEOUT_MS", "30000");
+    let survivor = Node::start(settings.build()).await;
+    let setup = NodeSetup::new(env!("CARGO_BIN_EXE_chorus"), settings);
+    let mut phoenix = ProcNode::start("phoenix", free_port(), &setup);
+    phoenix.ready().await;
+
+    let mut ada = named(&survivor.url, "Ada").await;
+    ada.join("lobby", None).await.assert_ok();
+    assert_eq!(
+        next_about(&mut ada, Some("lobby")).await,
+        ("joined".into(), vec![json!("lobby"), json!("Ada")])
+    );
+    let dan = named(&format!("http://127.0.0.1:{}", phoenix.port), "Dan").await;
+    dan.join("lobby", None).await.assert_ok();
+    assert_eq!(
+        next_about(&mut ada, Some("lobby")).await,
+        ("joined".into(), vec![json!("lobby"), json!("Dan")])
+    );
+
+    phoenix.kill().await;
+    drop(dan);
+    phoenix.restart().await;
+    let restarted = Instant::now();
+    assert_eq!(
+        next_about(&mut ada, Some("lobby")).await,
+        ("left".into(), vec![json!("lobby"), json!("Dan")])
+    );
+    let took = restarted.elapsed();
+    println!("Dan left {took:?} after his node came back (presence timeout 30 s)");
+    assert!(
+        took < Duration::from_secs(5),
+        "left came {took:?} after the restart"
+    );
+    assert_eq!(people(&ada.who(Some("lobby")).await), ["Ada"]);
+    assert_eq!(
+        phoenix.panics(),
+        0,
+        "the restarted node panicked (its output above)"
+    );
+    phoenix.kill().await;
+    ada.close().await;
+    survivor.stop().await;
+}

@@ -151,6 +151,7 @@ impl Loaded {
         );
         for node in &mut self.nodes {
             assert!(!node.crashed(), "{} crashed", node.id);
+            assert_eq!(node.panics(), 0, "{} panicked (its output above)", node.id);
         }
         result
     }

@@ -436,7 +436,7 @@ export function summarize(list, n = 8) {
 }
 
 /** One receiver's log against the reference: counts of what went wrong. */
-export function analyze(log, { baselineContent, sentContents, reference }) {
+export function analyze(log, { baselineContent, sentContents, reference, expected = sentContents }) {
   const start = log.findIndex((m) => m.content === baselineContent);
   const window = start < 0 ? [] : log.slice(start);
   const seenOffsets = new Set();
@@ -478,7 +478,7 @@ export function analyze(log, { baselineContent, sentContents, reference }) {
     }
   }
   let lost = 0;
-  for (const c of sentContents) if (!seenContents.has(c)) lost++;
+  for (const c of expected) if (!seenContents.has(c)) lost++;
   return { baseline: start >= 0, seen: window.length, lost, duplicated, outOfOrder, gaps, divergent, examples };
 }
 
@@ -496,7 +496,7 @@ export function countsLine(a) {
  * Returns the reference, each content's offset, what was stored twice or never seen, offsets
  * between baseline and final that nobody saw, and each log's analysis (same order as `logs`).
  */
-export function checkRun(logs, { baselineContent, finalContent, sentContents }) {
+export function checkRun(logs, { baselineContent, finalContent, sentContents, mustStore = sentContents }) {
   const reference = new Map();
   let conflicts = 0;
   for (const { log } of logs) {
@@ -517,10 +517,13 @@ export function checkRun(logs, { baselineContent, finalContent, sentContents }) 
   }
   const first = runOffsets.get(baselineContent);
   const last = runOffsets.get(finalContent);
-  const neverStored = [...sentContents].filter((c) => !runOffsets.has(c));
+  // Every message that must be stored (by default every one sent; an acked one always).
+  const neverStored = [...mustStore].filter((c) => !runOffsets.has(c));
   const undelivered = [];
   for (let o = first; o <= last; o++) if (!reference.has(o)) undelivered.push(o);
-  const results = logs.map(({ name, log }) => ({ name, ...analyze(log, { baselineContent, sentContents, reference }) }));
+  // What every client must have seen: what had to be stored, and whatever anyone saw stored.
+  const expected = new Set([...mustStore].concat([...runOffsets.keys()].filter((c) => sentContents.has(c))));
+  const results = logs.map(({ name, log }) => ({ name, ...analyze(log, { baselineContent, sentContents, reference, expected }) }));
   const sum = (k) => results.reduce((n, x) => n + x[k], 0);
   const totals = {
     lost: sum('lost'),

@@ -1,7 +1,7 @@
 //! nginx or HAProxy in front of three nodes, with the shipped configuration in `deploy/` and
 //! only the listening and node addresses put in.
 
-use std::{process::Stdio, time::Duration};
+use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
@@ -31,7 +31,17 @@ pub struct Balancer {
 impl Balancer {
     /// Starts `kind` with the shipped configuration, pointed at `node_ports`.
     pub async fn start(kind: Lb, node_ports: &[u16]) -> Balancer {
-        assert_eq!(node_ports.len(), 3, "the shipped configs name three nodes");
+        let nodes: Vec<SocketAddr> = node_ports
+            .iter()
+            .map(|&p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect();
+        Self::start_at(kind, &nodes).await
+    }
+
+    /// Like [`Balancer::start`], for nodes at `nodes` (in test hosts, say); it listens on
+    /// loopback.
+    pub async fn start_at(kind: Lb, nodes: &[SocketAddr]) -> Balancer {
+        assert_eq!(nodes.len(), 3, "the shipped configs name three nodes");
         let port = free_port();
         let dir = tempfile::Builder::new()
             .prefix("chorus_lb")
@@ -52,12 +62,12 @@ impl Balancer {
                     "\n    listen 80;\n",
                     &format!("\n    listen 127.0.0.1:{port};\n"),
                 );
-                let mut nodes = std::fs::read_to_string(deploy.join("nginx/chorus-nodes.conf"))
+                let mut upstreams = std::fs::read_to_string(deploy.join("nginx/chorus-nodes.conf"))
                     .expect("deploy/nginx/chorus-nodes.conf");
-                for (i, p) in node_ports.iter().enumerate() {
+                for (i, node) in nodes.iter().enumerate() {
                     let name = format!("chorus{}:3000", i + 1);
-                    assert!(nodes.contains(&name), "chorus-nodes.conf names {name}");
-                    nodes = nodes.replace(&name, &format!("127.0.0.1:{p}"));
+                    assert!(upstreams.contains(&name), "chorus-nodes.conf names {name}");
+                    upstreams = upstreams.replace(&name, &node.to_string());
                 }
                 let main = format!(
                     "worker_processes 1;\npid {dir}/nginx.pid;\n\
@@ -66,7 +76,7 @@ impl Balancer {
                     dir = path.display()
                 );
                 std::fs::write(path.join("chorus.conf"), site).expect("write chorus.conf");
-                std::fs::write(path.join("chorus-nodes.conf"), nodes).expect("write nodes");
+                std::fs::write(path.join("chorus-nodes.conf"), upstreams).expect("write nodes");
                 std::fs::write(path.join("nginx.conf"), main).expect("write nginx.conf");
                 let mut cmd = Command::new("nginx");
                 cmd.arg("-p")
@@ -82,8 +92,8 @@ impl Balancer {
                     .arg("-f")
                     .arg(deploy.join("haproxy/haproxy.cfg"))
                     .env("CHORUS_LISTEN", format!("127.0.0.1:{port}"));
-                for (i, p) in node_ports.iter().enumerate() {
-                    cmd.env(format!("CHORUS_NODE{}", i + 1), format!("127.0.0.1:{p}"));
+                for (i, node) in nodes.iter().enumerate() {
+                    cmd.env(format!("CHORUS_NODE{}", i + 1), node.to_string());
                 }
                 cmd
             }

@@ -163,3 +163,140 @@ impl Default for TestSqlite {
         Self::new()
     }
 }
+
+/// Where Debian keeps the Postgres server binaries (`initdb`, `postgres`).
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// How long a private server has to start or stop.
+const PG_START_LIMIT: Duration = Duration::from_secs(30);
+
+/// A Postgres server of this test's own (a fresh cluster in a temporary directory, run as the
+/// `postgres` user, fsync off), listening on `listen`: for tests that restart the database or
+/// reach it from another network namespace. Stopped and removed when dropped.
+pub struct PrivatePostgres {
+    pub listen: std::net::IpAddr,
+    pub port: u16,
+    dir: TempDir,
+    uid: u32,
+    gid: u32,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivatePostgres {
+    /// Creates the cluster and starts the server on `listen:port`.
+    pub async fn start(listen: std::net::IpAddr, port: u16) -> PrivatePostgres {
+        let (uid, gid) = postgres_user();
+        let dir = tempfile::Builder::new()
+            .prefix("chorus_pg")
+            .tempdir()
+            .expect("temporary directory");
+        let chown = std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(dir.path())
+            .status()
+            .expect("run chown");
+        assert!(chown.success(), "chown the private Postgres directory");
+        let status = tokio::process::Command::new(format!("{PG_BIN}/initdb"))
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .uid(uid)
+            .gid(gid)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("initdb runs");
+        assert!(status.success(), "initdb of the private Postgres failed");
+        // Trust any host: the server listens on a test bridge only, for the test's own hosts.
+        let hba = dir.path().join("data/pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        rules.push_str("\nhost all all 0.0.0.0/0 trust\n");
+        std::fs::write(&hba, rules).expect("write pg_hba.conf");
+        let mut pg = PrivatePostgres {
+            listen,
+            port,
+            dir,
+            uid,
+            gid,
+            child: None,
+        };
+        pg.start_again().await;
+        pg
+    }
+
+    /// Starts the server again after [`PrivatePostgres::stop`], on the same address and data.
+    pub async fn start_again(&mut self) {
+        let child = tokio::process::Command::new(format!("{PG_BIN}/postgres"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", &format!("listen_addresses={}", self.listen)])
+            .args([
+                "-c",
+                &format!("unix_socket_directories={}", self.dir.path().display()),
+            ])
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .uid(self.uid)
+            .gid(self.gid)
+            // Its log goes to the test's output, shown when the test fails.
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("postgres runs");
+        self.child = Some(child);
+        let url = self.admin_url();
+        crate::fixture::wait_for(
+            PG_START_LIMIT,
+            "the private Postgres to accept connections",
+            || {
+                let url = url.clone();
+                async move { PgConnection::connect(&url).await.is_ok() }
+            },
+        )
+        .await;
+    }
+
+    /// The server's `postgres` database, as its superuser.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@{}:{}/postgres", self.listen, self.port)
+    }
+
+    /// Stops the server (a fast shutdown: sessions are cut, work in flight rolls back).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                crate::process::signal(pid, "INT");
+            }
+            tokio::time::timeout(PG_START_LIMIT, child.wait())
+                .await
+                .expect("the private Postgres stops within 30 s")
+                .expect("wait for postgres");
+        }
+    }
+}
+
+/// The uid and gid of the `postgres` user, which the server must run as.
+fn postgres_user() -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("run id");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u32>()
+            .unwrap_or_else(|_| panic!("no postgres user (Debian's postgresql package makes it)"))
+    };
+    (id("-u"), id("-g"))
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        // An immediate shutdown: the postmaster stops its backends and exits; nothing waits.
+        if let Some(pid) = self.child.as_ref().and_then(tokio::process::Child::id) {
+            let _ = std::process::Command::new("kill")
+                .args(["-QUIT", &pid.to_string()])
+                .status();
+        }
+    }
+}

@@ -7,16 +7,21 @@ const GET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `(status, body)` of a GET to `127.0.0.1:{port}{path}`, or `None` when nothing answers.
 pub async fn try_get(port: u16, path: &str) -> Option<(u16, String)> {
+    try_get_at(SocketAddr::from(([127, 0, 0, 1], port)), path, GET_TIMEOUT).await
+}
+
+/// `(status, body)` of a GET to `http://{addr}{path}` within `timeout`, or `None`.
+pub async fn try_get_at(addr: SocketAddr, path: &str, timeout: Duration) -> Option<(u16, String)> {
     // A connection per request, as a probe makes: a pooled keep-alive connection would still
     // reach a node that has stopped accepting new ones, and readiness tests watch exactly that.
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(0)
-        .timeout(GET_TIMEOUT)
+        .timeout(timeout)
         .build()
         .expect("an HTTP client without TLS builds");
     let response = client
-        .get(format!("http://127.0.0.1:{port}{path}"))
+        .get(format!("http://{addr}{path}"))
         .send()
         .await
         .ok()?;

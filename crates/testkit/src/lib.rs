@@ -10,8 +10,9 @@
 //! - [`balancer`]: nginx or HAProxy with the shipped `deploy/` configuration.
 //! - [`load`]: a steady load of tutorial clients through a balancer.
 //! - [`js`]: the `tests/js` scenarios of the official client.
-//! - [`db`]: a fresh Postgres database per test, a temporary SQLite file.
+//! - [`db`]: a fresh Postgres database per test, a temporary SQLite file, a private server.
 //! - [`redis`]: the local Redis, and private ones to kill and restart.
+//! - [`netns`]: test hosts in network namespaces, with partitions and bad links.
 //! - [`proxy`]: a TCP proxy that cuts a service off and lets it back.
 //! - [`http`]: GETs on loopback; [`metrics`]: one sample of `/metrics`, either text format.
 //! - [`fixture`]: unique names, free ports, the repository's files, waiting with a limit.
@@ -29,6 +30,7 @@ pub mod http;
 pub mod js;
 pub mod load;
 pub mod metrics;
+pub mod netns;
 pub mod node;
 pub mod process;
 pub mod proxy;
@@ -37,12 +39,15 @@ pub mod transport;
 
 pub use balancer::{Balancer, Lb};
 pub use client::{Ack, Client, ClientError, Delivery, assert_acked, slow_consumer};
-pub use db::{PG_ADMIN, TestDb, TestSqlite};
+pub use db::{PG_ADMIN, PrivatePostgres, TestDb, TestSqlite};
 pub use fixture::{free_port, unique, wait_for};
-pub use http::{PollingRefusal, PollingSession, http_get, raw_status, try_get, websocket_upgrade};
+pub use http::{
+    PollingRefusal, PollingSession, http_get, raw_status, try_get, try_get_at, websocket_upgrade,
+};
 pub use js::run_js;
 pub use load::{SteadyLoad, sources};
-pub use metrics::metric;
+pub use metrics::{metric, metric_at};
+pub use netns::{Cut, Host, Netem, TestNet};
 pub use node::{Node, TestSettings, spawn_cluster, stop_all};
 pub use process::{NodeSetup, ProcNode, signal, start_nodes};
 pub use proxy::FaultProxy;

@@ -39,8 +39,14 @@ pub struct SteadyLoad {
 impl SteadyLoad {
     /// Starts the load with clients spread over `sources` (local addresses).
     pub fn start(url: &str, sources: &[String]) -> SteadyLoad {
+        Self::start_with(url, sources, &[])
+    }
+
+    /// Like [`SteadyLoad::start`], with more of `steady.mjs`'s settings (`CHORUS_...` variables).
+    pub fn start_with(url: &str, sources: &[String], env: &[(&str, &str)]) -> SteadyLoad {
         let mut child = Command::new("node")
             .arg(js_dir().join("steady.mjs"))
+            .envs(env.iter().copied())
             .env("CHORUS_URLS", url)
             .env("CHORUS_SOURCES", sources.join(","))
             .stdin(Stdio::piped())

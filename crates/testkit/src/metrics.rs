@@ -7,15 +7,20 @@ use std::collections::HashMap;
 
 use prometheus_parse::{Scrape, Value};
 
-use crate::http::try_get;
+use crate::http::try_get_at;
 
 /// The `/metrics` value of `name` from the node on `port`, written without the node label,
 /// e.g. `chorus_replays_total{source="database"}` or `chorus_connections`; fails the test when
 /// nothing serves the metrics or the sample is missing.
 pub async fn metric(port: u16, name: &str) -> f64 {
-    let (_, body) = try_get(port, "/metrics")
+    metric_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), name).await
+}
+
+/// Like [`metric`], from the node at `addr`.
+pub async fn metric_at(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let (_, body) = try_get_at(addr, "/metrics", std::time::Duration::from_secs(10))
         .await
-        .unwrap_or_else(|| panic!("nothing serves /metrics on port {port}"));
+        .unwrap_or_else(|| panic!("nothing serves /metrics on {addr}"));
     value(&body, name).unwrap_or_else(|| panic!("metric {name} not found in:\n{body}"))
 }
 

@@ -23,33 +23,44 @@ pub async fn require_redis(url: &str) {
 /// dropped.
 pub struct PrivateRedis {
     pub port: u16,
+    /// The address it listens on (loopback unless started with [`PrivateRedis::start_at`]).
+    pub bind: std::net::IpAddr,
     child: tokio::process::Child,
 }
 
 impl PrivateRedis {
     /// Starts one on `port` (a port an earlier one had, to restart it) and waits until it listens.
     pub async fn start_on(port: u16) -> PrivateRedis {
+        Self::start_at(std::net::Ipv4Addr::LOCALHOST.into(), port).await
+    }
+
+    /// Starts one on `bind:port` and waits until it listens.
+    pub async fn start_at(bind: std::net::IpAddr, port: u16) -> PrivateRedis {
         let child = tokio::process::Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
                 "--bind",
-                "127.0.0.1",
+                &bind.to_string(),
                 "--save",
                 "",
                 "--appendonly",
+                "no",
+                // A test bridge's address is not loopback; nothing but the test's hosts is on it.
+                "--protected-mode",
                 "no",
             ])
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("redis-server is installed");
-        let redis = PrivateRedis { port, child };
-        let addr = format!("127.0.0.1:{port}");
-        wait_for(Duration::from_secs(10), "private redis to listen", || {
-            let addr = addr.clone();
-            async move { TcpStream::connect(&addr).await.is_ok() }
-        })
+        let redis = PrivateRedis { port, bind, child };
+        let addr = std::net::SocketAddr::new(bind, port);
+        wait_for(
+            Duration::from_secs(10),
+            "private redis to listen",
+            || async move { TcpStream::connect(addr).await.is_ok() },
+        )
         .await;
         redis
     }
@@ -60,7 +71,7 @@ impl PrivateRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://{}:{}", self.bind, self.port)
     }
 
     /// SIGKILL, as a crash would; returns the port, to start another on it.
