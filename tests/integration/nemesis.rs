@@ -69,6 +69,19 @@ fn now_ms() -> i64 {
 struct Timeline {
     start: Instant,
     events: Mutex<Vec<(f64, String)>>,
+    printed: AtomicBool,
+}
+
+/// Prints the timeline when the run fails before it was printed (a check or a wait panicked),
+/// so a failure always comes with its seed and what led to it.
+struct PrintOnPanic(Arc<Timeline>, u64);
+
+impl Drop for PrintOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.0.printed.load(Ordering::Relaxed) {
+            self.0.print(self.1);
+        }
+    }
 }
 
 impl Timeline {
@@ -76,6 +89,7 @@ impl Timeline {
         Arc::new(Timeline {
             start: Instant::now(),
             events: Mutex::new(Vec::new()),
+            printed: AtomicBool::new(false),
         })
     }
 
@@ -89,7 +103,11 @@ impl Timeline {
     }
 
     fn print(&self, seed: u64) {
-        let events = self.events.lock().expect("timeline");
+        self.printed.store(true, Ordering::Relaxed);
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         println!("--- nemesis timeline (CHORUS_NEMESIS_SEED={seed}) ---");
         for (t, what) in events.iter() {
             println!("{t:8.1}s  {what}");
@@ -664,6 +682,7 @@ async fn nemesis() {
     let soak = secs >= SOAK_SECS;
     let mut rng = fastrand::Rng::with_seed(seed);
     let timeline = Timeline::new();
+    let _print_on_panic = PrintOnPanic(timeline.clone(), seed);
     let mut cluster = Cluster::start().await;
     timeline.log(format!(
         "cluster up: nodes at {:?}, Postgres :{}, Redis :{} on {}",
@@ -731,7 +750,6 @@ async fn nemesis() {
                     took.as_secs_f64()
                 )),
                 Err(not) => {
-                    timeline.print(seed);
                     panic!(
                         "f{n} ({}): nodes not ready {RECOVER_LIMIT:?} after the heal: {not}",
                         fault.describe()
