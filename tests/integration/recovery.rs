@@ -325,6 +325,49 @@ async fn the_benchmark_runs() {
     }
 }
 
+/// `chorus-bench connect` with steps: the connection ramp for chorus and the baseline, side by
+/// side, at smoke size; every step reached by both, and the results written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_ramp_runs() {
+    require_redis(REDIS).await;
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_chorus")).with_file_name("chorus-bench");
+    let out = tokio::process::Command::new(&bench)
+        .args(["connect", "--quick", "--baseline", "--steps", "100,200"])
+        .output()
+        .await
+        .expect("run chorus-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "chorus-bench connect --quick failed");
+    for system in ["chorus", "baseline"] {
+        for n in [100, 200] {
+            let line = format!("connect: {n:>6} idle websockets");
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.starts_with(system) && l.contains(&line)),
+                "{system} did not report {n} connections:\n{stdout}"
+            );
+        }
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(system) && l.contains("idle CPU with 200 connections")),
+            "{system}: no idle CPU figure:\n{stdout}"
+        );
+    }
+    assert!(!stdout.contains("stopped:"), "a ramp stopped:\n{stdout}");
+    let csv = std::fs::read_to_string(
+        chorus_testkit::fixture::repo_root().join("bench/results/connect-quick.csv"),
+    )
+    .expect("bench/results/connect-quick.csv");
+    assert_eq!(
+        csv.lines().count(),
+        1 + 4,
+        "a header and two steps each:\n{csv}"
+    );
+}
+
 /// Two nodes' logs append overlapping batches to one stream, each in offset order as a feed
 /// releases them: however their calls interleave, the stream holds every offset once, in order,
 /// and no skipped entry counts as an error. Once trimming removed every entry (the stream's last

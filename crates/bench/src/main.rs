@@ -7,7 +7,7 @@ mod hist;
 mod scenarios;
 mod servers;
 
-use std::{fmt::Write as _, path::PathBuf, sync::Arc};
+use std::{fmt::Write as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, ensure};
 use chorus_testkit::{PG_ADMIN, REDIS, TestDb, fixture::repo_root, metrics, try_get};
@@ -54,11 +54,23 @@ enum Scenario {
     Ramp,
     /// One fanout run
     Fanout(FanoutArgs),
-    /// Server memory per idle websocket connection
+    /// Server memory per idle websocket connection; with --steps, a ramp of idle connections
+    /// (RSS per connection at each step, connections accepted/s, idle CPU at the top), with
+    /// --baseline beside the baseline's, written to bench/results/connect.csv and connect.svg
     Connect {
         /// Idle connections to open
         #[arg(long, default_value_t = CONNECT_CONNECTIONS, value_parser = positive)]
         connections: usize,
+        /// Ramp through these counts (comma-separated, the last is the top), e.g.
+        /// 10000,50000,100000
+        #[arg(long, value_delimiter = ',', value_parser = positive)]
+        steps: Vec<usize>,
+        /// Run the ramp for the baseline too, and print both side by side
+        #[arg(long)]
+        baseline: bool,
+        /// Seconds the connections sit idle at the top while the server's CPU is measured
+        #[arg(long, default_value_t = 30, value_parser = positive)]
+        idle_seconds: usize,
     },
     /// Acked, stored messages/s with distinct client offsets
     Store {
@@ -360,6 +372,264 @@ async fn connect_memory(system: System, o: &Options, connections: usize) -> anyh
     );
     cluster.stop().await?;
     Ok(per)
+}
+
+/// Raises this process's descriptor limit as far as the kernel allows (`fs.nr_open`, up to
+/// 1 048 576; the hard limit too when running as root), for 100 000 connections here and in the
+/// servers the bench starts, which inherit it.
+fn raise_descriptor_limit() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1_048_576)
+        .min(1_048_576);
+    if rlimit::setrlimit(rlimit::Resource::NOFILE, nr_open, nr_open).is_err() {
+        // Without CAP_SYS_RESOURCE (not root, or a container that drops it): the soft limit
+        // up to the hard one.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+    }
+}
+
+/// Descriptors the bench, and each server it starts, may have open.
+fn descriptor_limit() -> u64 {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
+/// Descriptors a process needs besides its connections (pools, listeners, the runtime).
+const DESCRIPTOR_RESERVE: u64 = 500;
+
+/// Local addresses for `n` connections to one server port: 127.0.0.2 and up, 10 000
+/// connections each (one address pair has 28 000 ephemeral ports here).
+fn connect_sources(n: usize) -> Vec<std::net::IpAddr> {
+    let count = n.div_ceil(10_000).clamp(1, 250);
+    (0..count)
+        .map(|i| std::net::IpAddr::from([127, 0, 0, 2 + i as u8]))
+        .collect()
+}
+
+/// The connection ramp of one system on a fresh single node.
+async fn connect_ramp(
+    system: System,
+    o: &Options,
+    steps: &[usize],
+    idle: Duration,
+) -> anyhow::Result<scenarios::ConnectRamp> {
+    let steps: Vec<usize> = if o.quick {
+        vec![100, 200]
+    } else {
+        steps.to_vec()
+    };
+    // One process holds one descriptor per connection, the server and the bench alike: above
+    // the limit neither can go, so the ramp stops below it and says so.
+    let limit = descriptor_limit();
+    let most = usize::try_from(limit.saturating_sub(DESCRIPTOR_RESERVE)).unwrap_or(usize::MAX);
+    let mut steps: Vec<usize> = steps.into_iter().map(|n| n.min(most)).collect();
+    steps.dedup();
+    if steps.last().is_some_and(|&n| n == most) {
+        println!(
+            "{:<9} connect: capped at {most} connections: the descriptor limit is {limit} and cannot be raised here",
+            system.name()
+        );
+    }
+    let top = steps.iter().copied().max().unwrap_or(1);
+    let idle = if o.quick {
+        Duration::from_secs(2)
+    } else {
+        idle
+    };
+    // Above the node's default bound of open connections (100 000) with room for the probes.
+    let limit = (top + 1000).to_string();
+    let extra = [("CHORUS__TRANSPORT__MAX_CONNECTIONS", limit.as_str())];
+    let cluster = Cluster::start(system, 1, o, &extra).await?;
+    let ramp =
+        scenarios::connect_ramp(&cluster.servers[0], &steps, &connect_sources(top), idle).await;
+    cluster.stop().await?;
+    let ramp = ramp?;
+    for step in &ramp.steps {
+        println!(
+            "{:<9} connect: {:>6} idle websockets, RSS {:>7.1} MB, {:>5.1} KB per connection, {:>6.0} accepted/s",
+            system.name(),
+            step.connections,
+            step.rss_bytes as f64 / 1e6,
+            step.bytes_per_connection / 1024.0,
+            step.accepted_per_s
+        );
+    }
+    if let Some(why) = &ramp.stopped {
+        println!("{:<9} connect: stopped: {why}", system.name());
+    }
+    Ok(ramp)
+}
+
+/// The ramps side by side: one row per step.
+fn print_connect_table(ramps: &[(System, scenarios::ConnectRamp)]) {
+    let mut header = format!("{:>11}", "connections");
+    for (system, _) in ramps {
+        let _ = write!(
+            header,
+            " | {:>26}",
+            format!("{} RSS, KB/conn, conn/s", system.name())
+        );
+    }
+    println!("{header}");
+    let counts: std::collections::BTreeSet<usize> = ramps
+        .iter()
+        .flat_map(|(_, r)| r.steps.iter().map(|s| s.connections))
+        .collect();
+    for n in counts {
+        let mut row = format!("{n:>11}");
+        for (_, ramp) in ramps {
+            match ramp.steps.iter().find(|s| s.connections == n) {
+                Some(s) => {
+                    let _ = write!(
+                        row,
+                        " | {:>8.0} MB {:>6.1} {:>7.0}",
+                        s.rss_bytes as f64 / 1e6,
+                        s.bytes_per_connection / 1024.0,
+                        s.accepted_per_s
+                    );
+                }
+                None => {
+                    let _ = write!(row, " | {:>26}", "not reached");
+                }
+            }
+        }
+        println!("{row}");
+    }
+    for (system, ramp) in ramps {
+        let top = ramp.steps.last().map_or(0, |s| s.connections);
+        println!(
+            "{:<9} idle CPU with {top} connections: {:.2}% of a core over {:.0} s{}",
+            system.name(),
+            ramp.idle_cpu_percent,
+            ramp.idle_seconds,
+            ramp.stopped
+                .as_deref()
+                .map(|w| format!(" (stopped: {w})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// bench/results/connect.csv and connect.svg (RSS against connections).
+fn write_connect_results(
+    ramps: &[(System, scenarios::ConnectRamp)],
+    quick: bool,
+) -> anyhow::Result<()> {
+    let dir = repo_root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let suffix = if quick { "-quick" } else { "" };
+    let mut csv = String::from(
+        "system,connections,rss_bytes,bytes_per_connection,accepted_per_s,idle_cpu_percent\n",
+    );
+    for (system, ramp) in ramps {
+        for s in &ramp.steps {
+            writeln!(
+                csv,
+                "{},{},{},{:.0},{:.0},{:.3}",
+                system.name(),
+                s.connections,
+                s.rss_bytes,
+                s.bytes_per_connection,
+                s.accepted_per_s,
+                ramp.idle_cpu_percent
+            )?;
+        }
+    }
+    std::fs::write(dir.join(format!("connect{suffix}.csv")), csv)?;
+    std::fs::write(dir.join(format!("connect{suffix}.svg")), connect_svg(ramps))?;
+    Ok(())
+}
+
+/// A linear plot: x connections, y server RSS (MB), one line per system.
+fn connect_svg(ramps: &[(System, scenarios::ConnectRamp)]) -> String {
+    let (w, h, left, bottom, top, right) = (760.0, 440.0, 70.0, 50.0, 30.0, 170.0);
+    let points = ramps.iter().flat_map(|(_, r)| r.steps.iter());
+    let max_x = points
+        .clone()
+        .map(|s| s.connections as f64)
+        .fold(1.0, f64::max)
+        * 1.05;
+    let max_y = points
+        .map(|s| s.rss_bytes as f64 / 1e6)
+        .fold(10.0, f64::max)
+        * 1.1;
+    let x = |v: f64| left + v / max_x * (w - left - right);
+    let y = |v: f64| h - bottom - v / max_y * (h - bottom - top);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let _ = writeln!(
+        out,
+        "<text x=\"{left}\" y=\"18\" font-size=\"14\">server RSS against idle websocket connections (one node)</text>"
+    );
+    let _ = writeln!(
+        out,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    for i in 0..=5 {
+        let vx = max_x * f64::from(i) / 5.0;
+        let vy = max_y * f64::from(i) / 5.0;
+        let _ = writeln!(
+            out,
+            "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">{:.0}k</text><text x=\"{}\" y=\"{:.0}\" text-anchor=\"end\">{:.0} MB</text><line x1=\"{left}\" y1=\"{:.0}\" x2=\"{}\" y2=\"{:.0}\" stroke=\"#ddd\"/>",
+            x(vx),
+            h - bottom + 18.0,
+            vx / 1000.0,
+            left - 6.0,
+            y(vy) + 4.0,
+            vy,
+            y(vy),
+            w - right,
+            y(vy)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">idle websocket connections</text>",
+        (left + w - right) / 2.0,
+        h - 10.0
+    );
+    let colors = ["#1b6ac9", "#d9480f", "#666"];
+    for (i, (system, ramp)) in ramps.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let mut path = vec![format!("{:.1},{:.1}", x(0.0), y(0.0))];
+        path.extend(ramp.steps.iter().map(|s| {
+            format!(
+                "{:.1},{:.1}",
+                x(s.connections as f64),
+                y(s.rss_bytes as f64 / 1e6)
+            )
+        }));
+        let _ = writeln!(
+            out,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            path.join(" ")
+        );
+        for p in path.iter().skip(1) {
+            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(
+                out,
+                "<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{color}\"/>"
+            );
+        }
+        let ly = top + 20.0 + 18.0 * i as f64;
+        let _ = writeln!(
+            out,
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{}</text>",
+            w - right + 10.0,
+            w - right + 30.0,
+            w - right + 36.0,
+            ly + 4.0,
+            system.name()
+        );
+    }
+    out.push_str("</svg>\n");
+    out
 }
 
 /// Rows/s of plain batched inserts on a fresh database: one connection, batches of 100, an id,
@@ -907,6 +1177,7 @@ async fn trivial_server() -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    raise_descriptor_limit();
     let o = cli.common.options();
     match cli.scenario {
         Scenario::All => all(&o).await,
@@ -929,8 +1200,31 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             cluster.stop().await
         }
-        Scenario::Connect { connections } => {
-            connect_memory(o.system, &o, connections).await.map(|_| ())
+        Scenario::Connect {
+            connections,
+            steps,
+            baseline,
+            idle_seconds,
+        } => {
+            if steps.is_empty() && !baseline {
+                return connect_memory(o.system, &o, connections).await.map(|_| ());
+            }
+            let steps = if steps.is_empty() {
+                vec![connections]
+            } else {
+                steps
+            };
+            let idle = Duration::from_secs(idle_seconds as u64);
+            let mut systems = vec![o.system];
+            if baseline && o.system != System::Baseline {
+                systems.push(System::Baseline);
+            }
+            let mut ramps = Vec::new();
+            for system in systems {
+                ramps.push((system, connect_ramp(system, &o, &steps, idle).await?));
+            }
+            print_connect_table(&ramps);
+            write_connect_results(&ramps, o.quick)
         }
         Scenario::Store { rooms } => store_rate(o.system, &o, rooms).await.map(|_| ()),
         Scenario::RawInserts => raw_insert_rate(&o).await.map(|_| ()),

@@ -348,6 +348,127 @@ pub async fn connect(server: &Server, n: usize) -> anyhow::Result<(u64, u64, f64
     Ok((before, after, per))
 }
 
+/// One step of the connection ramp: the server with `connections` idle websockets.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectStep {
+    pub connections: usize,
+    /// The server's RSS with them open.
+    pub rss_bytes: u64,
+    /// RSS above the one-connection start, per connection.
+    pub bytes_per_connection: f64,
+    /// Connections opened (handshake and namespace join) per second in this step.
+    pub accepted_per_s: f64,
+}
+
+/// What the ramp measured, and where it stopped if it could not go on.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectRamp {
+    pub steps: Vec<ConnectStep>,
+    /// The server's CPU (user + system) while every connection it reached sat idle, as a share
+    /// of one core.
+    pub idle_cpu_percent: f64,
+    pub idle_seconds: f64,
+    /// Why the ramp stopped before its last step, if it did.
+    pub stopped: Option<String>,
+}
+
+/// Connections being opened at once.
+const CONNECT_CONCURRENCY: usize = 256;
+
+/// Idle websockets to a fresh server, opened up to each of `steps` in turn from the local
+/// addresses `sources` in turn (one address pair has about 28 000 ephemeral ports), each held
+/// by a task of its own that answers the server's pings; at each step the server's RSS, and at
+/// the end its CPU over `idle` while they sit there (heartbeats only).
+pub async fn connect_ramp(
+    server: &Server,
+    steps: &[usize],
+    sources: &[std::net::IpAddr],
+    idle: Duration,
+) -> anyhow::Result<ConnectRamp> {
+    let pid = server.pid().context("server pid")?;
+    ensure!(!sources.is_empty(), "no source addresses");
+    let warm = Conn::connect(&server.url, None).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = servers::rss_bytes(pid)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let permits = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+    let (opened_tx, mut opened_rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
+    let mut holders = tokio::task::JoinSet::new();
+    let mut figures = Vec::new();
+    let mut stopped = None;
+    let mut open = 0usize;
+    'ramp: for &target in steps {
+        let started = Instant::now();
+        let from = open;
+        for i in open..target {
+            let url = server.url.clone();
+            let source = sources[i % sources.len()];
+            let permits = permits.clone();
+            let opened = opened_tx.clone();
+            let mut stop = stop_rx.clone();
+            holders.spawn(async move {
+                let Ok(permit) = permits.acquire_owned().await else {
+                    return;
+                };
+                let mut conn = match Conn::connect_from(&url, source).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        let _ = opened.send(Err(format!("{e:#}")));
+                        return;
+                    }
+                };
+                drop(permit);
+                let _ = opened.send(Ok(()));
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        frame = conn.next() => match frame {
+                            Ok(Some(_)) => {}
+                            _ => break,
+                        },
+                    }
+                }
+            });
+        }
+        while open < target {
+            match opened_rx.recv().await {
+                Some(Ok(())) => open += 1,
+                Some(Err(e)) => {
+                    stopped = Some(format!("connection {} failed: {e}", open + 1));
+                    break 'ramp;
+                }
+                None => break 'ramp,
+            }
+        }
+        let accepted_per_s = (open - from) as f64 / started.elapsed().as_secs_f64();
+        // Let the server settle (buffers allocated on first use, tasks parked).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss = servers::rss_bytes(pid)?;
+        figures.push(ConnectStep {
+            connections: open,
+            rss_bytes: rss,
+            bytes_per_connection: rss.saturating_sub(before) as f64 / open.max(1) as f64,
+            accepted_per_s,
+        });
+    }
+    // Idle: the Socket.IO heartbeat is all that runs (every 25 s per connection).
+    let cpu = servers::cpu_seconds(pid)?;
+    let idle_started = Instant::now();
+    tokio::time::sleep(idle).await;
+    let idle_seconds = idle_started.elapsed().as_secs_f64();
+    let idle_cpu_percent = (servers::cpu_seconds(pid)? - cpu) / idle_seconds * 100.0;
+    let _ = stop_tx.send(true);
+    holders.abort_all();
+    while holders.join_next().await.is_some() {}
+    warm.close().await;
+    Ok(ConnectRamp {
+        steps: figures,
+        idle_cpu_percent,
+        idle_seconds,
+        stopped,
+    })
+}
+
 /// Acked stored messages per second: `senders` connections, `window` sends in flight each,
 /// distinct client offsets, for `seconds`; with `rooms` above 0, sender `i` writes to room
 /// `i % rooms` (`room message`), else to the default room (`chat message`).

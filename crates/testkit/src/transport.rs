@@ -7,7 +7,10 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{Message, protocol::WebSocketConfig},
+};
 
 use crate::{
     client::{ClientError, Event},
@@ -45,6 +48,13 @@ pub fn websocket_url(base_url: &str) -> Result<String, ClientError> {
     ))
 }
 
+/// The clients' websocket settings: a 4 KiB read buffer (tungstenite allocates 128 KiB per
+/// connection up front by default, which 100 000 bench connections cannot afford); it grows
+/// for a larger frame.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096)
+}
+
 /// Connects to `base_url` over websocket and joins `/` with `auth`, all within `limit`.
 pub async fn join(
     base_url: &str,
@@ -53,7 +63,7 @@ pub async fn join(
 ) -> Result<Joined, ClientError> {
     // TCP_NODELAY: small frames are not held back (the servers set it too).
     join_by(base_url, auth, limit, |url| {
-        tokio_tungstenite::connect_async_with_config(url, None, true)
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true)
     })
     .await
 }
@@ -67,9 +77,38 @@ pub async fn join_over(
     limit: Duration,
 ) -> Result<Joined, ClientError> {
     join_by(base_url, auth, limit, |url| {
-        tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        tokio_tungstenite::client_async_with_config(
+            url,
+            MaybeTlsStream::Plain(stream),
+            Some(ws_config()),
+        )
     })
     .await
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: the bind takes the address only, and the port is chosen at
+/// connect, unique per destination. A bind to port 0 otherwise reserves a port of the odd half
+/// of the range for good, and thousands of bench connections from one address ran out of them
+/// and then took the ports plain connects (the database's, Redis's) need.
+fn bind_address_no_port(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a setsockopt of an int option on a socket this function borrows, with the
+    // option's size.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::from_ref(&one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// A TCP connection to `base_url`'s host and port from the local address `local` (any of
@@ -87,6 +126,7 @@ pub async fn tcp_from(base_url: &str, local: std::net::IpAddr) -> Result<TcpStre
         std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
     }
     .map_err(ClientError::Io)?;
+    bind_address_no_port(&socket).map_err(ClientError::Io)?;
     socket
         .bind(std::net::SocketAddr::new(local, 0))
         .map_err(ClientError::Io)?;
