@@ -514,3 +514,38 @@ async fn the_stream_is_trimmed_by_bytes() {
     runtime.tasks.close();
     runtime.tasks.wait().await;
 }
+
+/// `chorus-bench cpu --quick`: CPU per delivery for the floor, the trivial broadcaster, chorus
+/// and the baseline at the chat load, at smoke size; every system delivered everything and
+/// got a figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cpu_figures_run() {
+    require_redis(REDIS).await;
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_chorus")).with_file_name("chorus-bench");
+    let out = tokio::process::Command::new(&bench)
+        .args(["cpu", "--quick"])
+        .output()
+        .await
+        .expect("run chorus-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "chorus-bench cpu --quick failed");
+    let csv = std::fs::read_to_string(
+        chorus_testkit::fixture::repo_root().join("bench/results/cpu-quick.csv"),
+    )
+    .expect("bench/results/cpu-quick.csv");
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let systems: Vec<&str> = rows.iter().map(|r| r[0]).collect();
+    assert_eq!(systems, ["floor", "trivial", "chorus", "baseline"], "{csv}");
+    for row in &rows {
+        assert_eq!(row[5], "0", "{} lost deliveries: {csv}", row[0]);
+        // A smoke run is too short for the figures (CPU time comes in 10 ms ticks); that they
+        // are read is what it checks.
+        let per: f64 = row[8].parse().expect("µs per delivery");
+        assert!(per >= 0.0, "{}: CPU per delivery {per}: {csv}", row[0]);
+    }
+}

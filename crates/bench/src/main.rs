@@ -3,6 +3,7 @@
 //! and Redis. It starts every server itself. `bench/README.md` explains the scenarios.
 
 mod conn;
+mod floor;
 mod hist;
 mod scenarios;
 mod servers;
@@ -90,8 +91,20 @@ enum Scenario {
     /// Well-behaved clients' ack latency on one chorus node with the default rate limits, alone
     /// and beside one client that floods (and reconnects whenever it is cut off)
     Flood,
+    /// CPU time per delivery at three fixed offered loads (a chat's, a middle one, one near
+    /// the generator's ceiling) for the floor, the trivial broadcaster, chorus and the
+    /// baseline, one node each: the server's, and the whole machine's less the generator's;
+    /// writes bench/results/cpu.csv
+    Cpu {
+        /// Seconds of sending per run
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+    },
     /// A trivial in-memory Socket.IO broadcaster on $PORT (the generator's ceiling); internal
     TrivialServer,
+    /// A websocket broadcaster on $PORT with no Socket.IO library (the CPU figures' floor);
+    /// internal
+    FloorServer,
 }
 
 /// The fanout scenario's load.
@@ -212,7 +225,7 @@ impl Cluster {
     ) -> anyhow::Result<Cluster> {
         let tag = format!("{}_{}", system.name(), scenarios_counter());
         let db = match system {
-            System::Trivial => None,
+            System::Trivial | System::Floor => None,
             _ => Some(servers::create_database(&o.services, &tag).await?),
         };
         let prefix = format!("bench_{}_{tag}", std::process::id());
@@ -1131,6 +1144,179 @@ async fn all(o: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The offered loads of the CPU figures: a name and each sender's messages/s (10 senders, 500
+/// connections: 5 000, 40 000 and 150 000 deliveries/s offered).
+const CPU_RATES: [(&str, f64); 3] = [("chat", 1.0), ("middle", 8.0), ("high", 30.0)];
+
+/// One run of the CPU figures.
+struct CpuRun {
+    system: System,
+    load: &'static str,
+    offered: f64,
+    result: FanoutResult,
+    /// CPU seconds of the server process over the run.
+    server: f64,
+    /// CPU seconds of the whole machine over the run, less the generator's own.
+    machine: f64,
+}
+
+impl CpuRun {
+    fn per_delivery_us(&self, seconds: f64) -> f64 {
+        seconds / self.result.deliveries.max(1) as f64 * 1e6
+    }
+}
+
+/// Busy CPU seconds of the whole machine so far (`/proc/stat`: everything but idle and iowait).
+fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat")?;
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .take(6)
+        .sum();
+    Ok(busy / 100.0)
+}
+
+/// The CPU table: every system at every load, one fresh node each.
+async fn cpu_per_delivery(o: &Options, seconds: f64) -> anyhow::Result<()> {
+    let (connections, senders, seconds) = if o.quick {
+        (50, 5, 2.0)
+    } else {
+        (500, 10, seconds)
+    };
+    let me = std::process::id();
+    let mut runs = Vec::new();
+    // A smoke run takes the chat load only.
+    let loads = if o.quick {
+        &CPU_RATES[..1]
+    } else {
+        &CPU_RATES[..]
+    };
+    for &(load, rate) in loads {
+        for system in [
+            System::Floor,
+            System::Trivial,
+            System::Chorus,
+            System::Baseline,
+        ] {
+            let cluster = Cluster::start(system, 1, o, &[]).await?;
+            let pid = cluster.servers[0].pid().context("server pid")?;
+            let (server0, machine0, me0) = (
+                servers::cpu_seconds(pid)?,
+                machine_busy_seconds()?,
+                servers::cpu_seconds(me)?,
+            );
+            let params = Fanout {
+                connections,
+                senders,
+                rate,
+                seconds,
+                rooms: 0,
+            };
+            let result = scenarios::fanout(&cluster.urls(), params).await;
+            let server = servers::cpu_seconds(pid)? - server0;
+            let machine = machine_busy_seconds()? - machine0 - (servers::cpu_seconds(me)? - me0);
+            cluster.stop().await?;
+            let result = result?;
+            let run = CpuRun {
+                system,
+                load,
+                offered: rate * senders as f64 * connections as f64,
+                result,
+                server,
+                machine,
+            };
+            println!(
+                "{:<9} cpu {load:<6}: offered {:>7.0} deliveries/s, delivered {:>7.0}/s (p99 {:.1} ms, lost {}), server {:.2} µs and machine {:.2} µs per delivery",
+                system.name(),
+                run.offered,
+                run.result.deliveries_per_s,
+                run.result.latency_ms.p99,
+                run.result.lost,
+                run.per_delivery_us(run.server),
+                run.per_delivery_us(run.machine),
+            );
+            runs.push(run);
+        }
+    }
+    print_cpu_table(&runs);
+    write_cpu_results(&runs, o.quick)
+}
+
+/// µs per delivery, server alone and whole machine, one row per load.
+fn print_cpu_table(runs: &[CpuRun]) {
+    let systems = [
+        System::Floor,
+        System::Trivial,
+        System::Chorus,
+        System::Baseline,
+    ];
+    let mut header = format!("{:<8} {:>9}", "load", "offered/s");
+    for s in systems {
+        let _ = write!(header, " | {:>17}", format!("{} server/machine", s.name()));
+    }
+    println!("{header}   (µs of CPU per delivery)");
+    for (load, _) in CPU_RATES {
+        let Some(offered) = runs.iter().find(|r| r.load == load).map(|r| r.offered) else {
+            continue;
+        };
+        let mut row = format!("{load:<8} {offered:>9.0}");
+        for s in systems {
+            match runs.iter().find(|r| r.load == load && r.system == s) {
+                Some(r) => {
+                    let _ = write!(
+                        row,
+                        " | {:>8.2} / {:>6.2}",
+                        r.per_delivery_us(r.server),
+                        r.per_delivery_us(r.machine)
+                    );
+                }
+                None => {
+                    let _ = write!(row, " | {:>17}", "-");
+                }
+            }
+        }
+        println!("{row}");
+    }
+}
+
+/// bench/results/cpu.csv.
+fn write_cpu_results(runs: &[CpuRun], quick: bool) -> anyhow::Result<()> {
+    let dir = repo_root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let suffix = if quick { "-quick" } else { "" };
+    let mut csv = String::from(
+        "system,load,offered_per_s,deliveries_per_s,p99_ms,lost,server_cpu_s,machine_cpu_s,server_us_per_delivery,machine_us_per_delivery\n",
+    );
+    for r in runs {
+        writeln!(
+            csv,
+            "{},{},{:.0},{:.0},{:.2},{},{:.3},{:.3},{:.3},{:.3}",
+            r.system.name(),
+            r.load,
+            r.offered,
+            r.result.deliveries_per_s,
+            r.result.latency_ms.p99,
+            r.result.lost,
+            r.server,
+            r.machine,
+            r.per_delivery_us(r.server),
+            r.per_delivery_us(r.machine)
+        )?;
+    }
+    std::fs::write(dir.join(format!("cpu{suffix}.csv")), csv)?;
+    Ok(())
+}
+
 /// A Socket.IO server that only broadcasts: no storage, no ordering, no checks.
 async fn trivial_server() -> anyhow::Result<()> {
     use axum::serve::ListenerExt;
@@ -1237,7 +1423,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Scenario::Flood => flood(&o).await,
+        Scenario::Cpu { seconds } => cpu_per_delivery(&o, seconds).await,
         Scenario::TrivialServer => trivial_server().await,
+        Scenario::FloorServer => floor::serve().await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The servers a benchmark runs against, as child processes: chorus nodes (the binary next to
 //! this one), the Node.js baseline (`bench/baseline/server.mjs`), and a trivial in-memory
-//! Socket.IO server that measures the load generator's own ceiling.
+//! Socket.IO server that measures the load generator's own ceiling, and the floor: a websocket
+//! broadcaster with no Socket.IO library.
 
 use std::{
     path::Path,
@@ -21,6 +22,8 @@ pub enum System {
     Baseline,
     /// A trivial in-memory broadcaster (no storage): the generator's ceiling.
     Trivial,
+    /// A websocket broadcaster with no Socket.IO library: what the kernel and framing cost.
+    Floor,
 }
 
 impl System {
@@ -30,6 +33,7 @@ impl System {
             System::Chorus => "chorus",
             System::Baseline => "baseline",
             System::Trivial => "trivial",
+            System::Floor => "floor",
         }
     }
 }
@@ -127,6 +131,11 @@ impl Server {
             System::Trivial => {
                 let mut cmd = pinned(&std::env::current_exe()?, services.server_cpu);
                 cmd.arg("trivial-server");
+                cmd
+            }
+            System::Floor => {
+                let mut cmd = pinned(&std::env::current_exe()?, services.server_cpu);
+                cmd.arg("floor-server");
                 cmd
             }
         };

@@ -28,7 +28,9 @@ fn help_lists_every_scenario() {
         "store",
         "raw-inserts",
         "replay",
+        "cpu",
         "trivial-server",
+        "floor-server",
     ] {
         assert!(help.contains(scenario), "{scenario} is not in:\n{help}");
     }
