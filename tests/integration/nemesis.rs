@@ -24,6 +24,7 @@ use std::{
 use chorus_testkit::{
     Balancer, Client, ClientError, Cut, Lb, Netem, NodeSetup, PrivatePostgres, PrivateRedis,
     ProcNode, SteadyLoad, TestDb, TestNet, TestSettings, free_port, sources, try_get_at, unique,
+    wait_for,
 };
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -242,22 +243,14 @@ impl Cluster {
     /// Waits until node `i`'s `/readyz` answers `status` with a body containing `reason`.
     async fn readiness_is(&self, i: usize, status: u16, reason: &str) {
         let node = &self.nodes[i];
-        let start = Instant::now();
-        loop {
-            let now = node.readiness(Duration::from_secs(5)).await;
-            if let Some((code, body)) = &now
-                && *code == status
-                && body.contains(reason)
-            {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "{} readiness is {now:?}, not {status} {reason}",
-                node.id
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!("{} to answer readiness with {status} {reason}", node.id);
+        wait_for(Duration::from_secs(20), &what, || async {
+            matches!(
+                node.readiness(Duration::from_secs(5)).await,
+                Some((code, body)) if code == status && body.contains(reason)
+            )
+        })
+        .await;
     }
 
     /// Injects `fault`, holds it for `hold`, heals it.
@@ -1147,14 +1140,12 @@ async fn a_paused_node_loses_nothing_it_acked() {
     cluster.nodes[0].resume();
     // Resumed, node1 handles the copy it had taken and finds it stored.
     let node1 = &cluster.nodes[0];
-    let start = Instant::now();
-    while node1.metric(folded).await < 1.0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "node1 never handled the buffered send"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        Duration::from_secs(20),
+        "node1 to handle the send it had buffered",
+        || async { node1.metric(folded).await >= 1.0 },
+    )
+    .await;
     assert_eq!(
         stored(&cluster, "sent to the frozen node").await,
         1,

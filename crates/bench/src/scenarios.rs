@@ -390,7 +390,6 @@ pub async fn connect_ramp(
     let warm = Conn::connect(&server.url, None).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = servers::rss_bytes(pid)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let permits = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
     let (opened_tx, mut opened_rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
     let mut holders = tokio::task::JoinSet::new();
@@ -405,7 +404,6 @@ pub async fn connect_ramp(
             let source = sources[i % sources.len()];
             let permits = permits.clone();
             let opened = opened_tx.clone();
-            let mut stop = stop_rx.clone();
             holders.spawn(async move {
                 let Ok(permit) = permits.acquire_owned().await else {
                     return;
@@ -419,15 +417,8 @@ pub async fn connect_ramp(
                 };
                 drop(permit);
                 let _ = opened.send(Ok(()));
-                loop {
-                    tokio::select! {
-                        _ = stop.changed() => break,
-                        frame = conn.next() => match frame {
-                            Ok(Some(_)) => {}
-                            _ => break,
-                        },
-                    }
-                }
+                // Held until the end, answering pings; the end aborts this task.
+                while let Ok(Some(_)) = conn.next().await {}
             });
         }
         while open < target {
@@ -457,7 +448,6 @@ pub async fn connect_ramp(
     tokio::time::sleep(idle).await;
     let idle_seconds = idle_started.elapsed().as_secs_f64();
     let idle_cpu_percent = (servers::cpu_seconds(pid)? - cpu) / idle_seconds * 100.0;
-    let _ = stop_tx.send(true);
     holders.abort_all();
     while holders.join_next().await.is_some() {}
     warm.close().await;

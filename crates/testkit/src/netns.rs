@@ -244,14 +244,6 @@ impl Host {
         run("ip", &all);
     }
 
-    /// A command that runs `program` inside this host (`ip netns exec`, which execs it: the
-    /// child's pid is the program's, for signals).
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns]).arg(program);
-        cmd
-    }
-
     /// Cuts the host off from `cut`, both ways, until [`Host::heal`].
     pub fn partition(&self, cut: &Cut) {
         let gw = self.gateway.to_string();
