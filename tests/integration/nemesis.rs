@@ -974,6 +974,17 @@ async fn until_message(client: &mut Client, content: &str, limit: Duration) -> i
     }
 }
 
+/// Ada on node1 and Bob on node2, each connected to the node itself.
+async fn ada_and_bob(cluster: &Cluster) -> (Client, Client) {
+    let ada = Client::connect(&cluster.node_url(0), None)
+        .await
+        .expect("Ada on node1");
+    let bob = Client::connect(&cluster.node_url(1), None)
+        .await
+        .expect("Bob on node2");
+    (ada, bob)
+}
+
 /// Rows of the default room with this content.
 async fn stored(cluster: &Cluster, content: &str) -> i64 {
     sqlx::query_scalar("select count(*) from room_messages where room = '' and content = $1")
@@ -989,12 +1000,7 @@ async fn stored(cluster: &Cluster, content: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_from_redis_serves_its_clients_through_the_store() {
     let cluster = Cluster::hosts(2).await;
-    let mut ada = Client::connect(&cluster.node_url(0), None)
-        .await
-        .expect("Ada on node1");
-    let mut bob = Client::connect(&cluster.node_url(1), None)
-        .await
-        .expect("Bob on node2");
+    let (mut ada, mut bob) = ada_and_bob(&cluster).await;
     cluster
         .net
         .host(0)
@@ -1034,12 +1040,7 @@ async fn a_node_cut_from_redis_serves_its_clients_through_the_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_from_postgres_stops_acking_and_still_delivers() {
     let cluster = Cluster::hosts(2).await;
-    let mut ada = Client::connect(&cluster.node_url(0), None)
-        .await
-        .expect("Ada on node1");
-    let mut bob = Client::connect(&cluster.node_url(1), None)
-        .await
-        .expect("Bob on node2");
+    let (mut ada, mut bob) = ada_and_bob(&cluster).await;
     cluster
         .net
         .host(0)
@@ -1101,12 +1102,7 @@ async fn a_node_cut_from_postgres_stops_acking_and_still_delivers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_node_loses_nothing_it_acked() {
     let cluster = Cluster::hosts(2).await;
-    let ada = Client::connect(&cluster.node_url(0), None)
-        .await
-        .expect("Ada on node1");
-    let mut bob = Client::connect(&cluster.node_url(1), None)
-        .await
-        .expect("Bob on node2");
+    let (ada, mut bob) = ada_and_bob(&cluster).await;
     let acked = ada.send("acked before the pause", Some("ada-1")).await;
     acked.assert_ok();
     cluster.nodes[0].pause();

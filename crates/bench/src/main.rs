@@ -587,12 +587,17 @@ fn connect_svg(ramps: &[(System, scenarios::ConnectRamp)]) -> String {
     for i in 0..=5 {
         let vx = max_x * f64::from(i) / 5.0;
         let vy = max_y * f64::from(i) / 5.0;
+        // Thousands once the axis reaches them.
+        let tick = if max_x >= 5000.0 {
+            format!("{:.0}k", vx / 1000.0)
+        } else {
+            format!("{vx:.0}")
+        };
         let _ = writeln!(
             out,
-            "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">{:.0}k</text><text x=\"{}\" y=\"{:.0}\" text-anchor=\"end\">{:.0} MB</text><line x1=\"{left}\" y1=\"{:.0}\" x2=\"{}\" y2=\"{:.0}\" stroke=\"#ddd\"/>",
+            "<text x=\"{:.0}\" y=\"{}\" text-anchor=\"middle\">{tick}</text><text x=\"{}\" y=\"{:.0}\" text-anchor=\"end\">{:.0} MB</text><line x1=\"{left}\" y1=\"{:.0}\" x2=\"{}\" y2=\"{:.0}\" stroke=\"#ddd\"/>",
             x(vx),
             h - bottom + 18.0,
-            vx / 1000.0,
             left - 6.0,
             y(vy) + 4.0,
             vy,
@@ -610,36 +615,17 @@ fn connect_svg(ramps: &[(System, scenarios::ConnectRamp)]) -> String {
     let colors = ["#1b6ac9", "#d9480f", "#666"];
     for (i, (system, ramp)) in ramps.iter().enumerate() {
         let color = colors[i % colors.len()];
-        let mut path = vec![format!("{:.1},{:.1}", x(0.0), y(0.0))];
-        path.extend(ramp.steps.iter().map(|s| {
-            format!(
-                "{:.1},{:.1}",
-                x(s.connections as f64),
-                y(s.rss_bytes as f64 / 1e6)
-            )
-        }));
-        let _ = writeln!(
-            out,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
-            path.join(" ")
-        );
-        for p in path.iter().skip(1) {
-            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
-            let _ = writeln!(
-                out,
-                "<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{color}\"/>"
-            );
-        }
-        let ly = top + 20.0 + 18.0 * i as f64;
-        let _ = writeln!(
-            out,
-            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{}</text>",
-            w - right + 10.0,
-            w - right + 30.0,
-            w - right + 36.0,
-            ly + 4.0,
-            system.name()
-        );
+        let dots: Vec<(f64, f64)> = ramp
+            .steps
+            .iter()
+            .map(|s| (x(s.connections as f64), y(s.rss_bytes as f64 / 1e6)))
+            .collect();
+        // The line starts at the origin; the dots are the steps.
+        let line: Vec<(f64, f64)> = std::iter::once((x(0.0), y(0.0)))
+            .chain(dots.iter().copied())
+            .collect();
+        let legend = (w - right + 10.0, top + 20.0 + 18.0 * i as f64);
+        svg_series(&mut out, color, &line, &dots, legend, system.name());
     }
     out.push_str("</svg>\n");
     out
@@ -852,6 +838,38 @@ fn write_ramps(ramps: &[(System, usize, Vec<FanoutResult>)], quick: bool) -> any
     Ok(())
 }
 
+/// One series of a plot: a line through `line`, a dot at each of `dots`, and its legend entry
+/// at `legend`.
+fn svg_series(
+    out: &mut String,
+    color: &str,
+    line: &[(f64, f64)],
+    dots: &[(f64, f64)],
+    legend: (f64, f64),
+    label: &str,
+) {
+    let points: Vec<String> = line.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+    let _ = writeln!(
+        out,
+        "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+        points.join(" ")
+    );
+    for (x, y) in dots {
+        let _ = writeln!(
+            out,
+            "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{color}\"/>"
+        );
+    }
+    let (lx, ly) = legend;
+    let _ = writeln!(
+        out,
+        "<line x1=\"{lx}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{label}</text>",
+        lx + 20.0,
+        lx + 26.0,
+        ly + 4.0
+    );
+}
+
 /// A log-scale plot: x deliveries/s, y p99 latency (ms), one line per system and node count.
 fn svg(ramps: &[(System, usize, Vec<FanoutResult>)]) -> String {
     let (w, h, left, bottom, top, right) = (760.0, 440.0, 70.0, 50.0, 30.0, 170.0);
@@ -931,33 +949,17 @@ fn svg(ramps: &[(System, usize, Vec<FanoutResult>)]) -> String {
     let colors = ["#1b6ac9", "#7fb2f0", "#d9480f", "#f5a46c", "#666", "#aaa"];
     for (i, (system, nodes, steps)) in ramps.iter().enumerate() {
         let color = colors[i % colors.len()];
-        let path: Vec<String> = steps
+        let points: Vec<(f64, f64)> = steps
             .iter()
-            .map(|r| format!("{:.1},{:.1}", x(r.deliveries_per_s), y(r.latency_ms.p99)))
+            .map(|r| (x(r.deliveries_per_s), y(r.latency_ms.p99)))
             .collect();
-        let _ = writeln!(
-            out,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
-            path.join(" ")
-        );
-        for p in &path {
-            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
-            let _ = writeln!(
-                out,
-                "<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{color}\"/>"
-            );
-        }
-        let ly = top + 20.0 + 18.0 * i as f64;
-        let _ = writeln!(
-            out,
-            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{} ({nodes} node{})</text>",
-            w - right + 10.0,
-            w - right + 30.0,
-            w - right + 36.0,
-            ly + 4.0,
+        let label = format!(
+            "{} ({nodes} node{})",
             system.name(),
             if *nodes == 1 { "" } else { "s" }
         );
+        let legend = (w - right + 10.0, top + 20.0 + 18.0 * i as f64);
+        svg_series(&mut out, color, &points, &points, legend, &label);
     }
     out.push_str("</svg>\n");
     out
