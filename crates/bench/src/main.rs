@@ -529,9 +529,6 @@ fn write_connect_results(
     ramps: &[(System, scenarios::ConnectRamp)],
     quick: bool,
 ) -> anyhow::Result<()> {
-    let dir = repo_root().join("bench/results");
-    std::fs::create_dir_all(&dir)?;
-    let suffix = if quick { "-quick" } else { "" };
     let mut csv = String::from(
         "system,connections,rss_bytes,bytes_per_connection,accepted_per_s,idle_cpu_percent\n",
     );
@@ -549,8 +546,8 @@ fn write_connect_results(
             )?;
         }
     }
-    std::fs::write(dir.join(format!("connect{suffix}.csv")), csv)?;
-    std::fs::write(dir.join(format!("connect{suffix}.svg")), connect_svg(ramps))?;
+    std::fs::write(result_file("connect", "csv", quick)?, csv)?;
+    std::fs::write(result_file("connect", "svg", quick)?, connect_svg(ramps))?;
     Ok(())
 }
 
@@ -797,16 +794,17 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn results_dir() -> anyhow::Result<PathBuf> {
+/// `bench/results/{stem}.{ext}`, or `{stem}-quick.{ext}` for a smoke run (ignored by git);
+/// the directory is made if missing.
+fn result_file(stem: &str, ext: &str, quick: bool) -> anyhow::Result<PathBuf> {
     let dir = repo_root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    let suffix = if quick { "-quick" } else { "" };
+    Ok(dir.join(format!("{stem}{suffix}.{ext}")))
 }
 
 /// Writes the ramp steps as CSV and as an SVG plot of p99 latency against deliveries/s.
 fn write_ramps(ramps: &[(System, usize, Vec<FanoutResult>)], quick: bool) -> anyhow::Result<()> {
-    let suffix = if quick { "-quick" } else { "" };
-    let dir = results_dir()?;
     let mut csv = String::from(
         "system,nodes,connections,senders,rate_per_sender,deliveries_per_s,p50_ms,p95_ms,p99_ms,max_ms,ack_p99_ms,lost,duplicated,out_of_order,reordered,generator_cpu\n",
     );
@@ -833,8 +831,8 @@ fn write_ramps(ramps: &[(System, usize, Vec<FanoutResult>)], quick: bool) -> any
             )?;
         }
     }
-    std::fs::write(dir.join(format!("ramp{suffix}.csv")), csv)?;
-    std::fs::write(dir.join(format!("ramp{suffix}.svg")), svg(ramps))?;
+    std::fs::write(result_file("ramp", "csv", quick)?, csv)?;
+    std::fs::write(result_file("ramp", "svg", quick)?, svg(ramps))?;
     Ok(())
 }
 
@@ -1138,9 +1136,8 @@ async fn all(o: &Options) -> anyhow::Result<()> {
         "replay_per_s": { "chorus_stream": c_replay.0, "chorus_database": c_replay.1, "baseline_database": b_replay.1 },
     });
     println!("{summary}");
-    let suffix = if o.quick { "-quick" } else { "" };
     std::fs::write(
-        results_dir()?.join(format!("summary{suffix}.json")),
+        result_file("summary", "json", o.quick)?,
         format!("{summary:#}\n"),
     )?;
     Ok(())
@@ -1293,9 +1290,6 @@ fn print_cpu_table(runs: &[CpuRun]) {
 
 /// bench/results/cpu.csv.
 fn write_cpu_results(runs: &[CpuRun], quick: bool) -> anyhow::Result<()> {
-    let dir = repo_root().join("bench/results");
-    std::fs::create_dir_all(&dir)?;
-    let suffix = if quick { "-quick" } else { "" };
     let mut csv = String::from(
         "system,load,offered_per_s,deliveries_per_s,p99_ms,lost,server_cpu_s,machine_cpu_s,server_us_per_delivery,machine_us_per_delivery\n",
     );
@@ -1315,7 +1309,7 @@ fn write_cpu_results(runs: &[CpuRun], quick: bool) -> anyhow::Result<()> {
             r.per_delivery_us(r.machine)
         )?;
     }
-    std::fs::write(dir.join(format!("cpu{suffix}.csv")), csv)?;
+    std::fs::write(result_file("cpu", "csv", quick)?, csv)?;
     Ok(())
 }
 

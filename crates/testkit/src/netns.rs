@@ -251,50 +251,41 @@ impl Host {
             Cut::Peers(ports) => {
                 for port in ports {
                     let port = port.to_string();
-                    self.iptables(&[
-                        "-A", "NEMESIS", "-o", IFACE, "-p", "tcp", "-d", &gw, "--dport", &port,
-                        "-j", "DROP",
-                    ]);
-                    self.iptables(&[
-                        "-A", "NEMESIS", "-i", IFACE, "-p", "tcp", "-s", &gw, "--sport", &port,
-                        "-j", "DROP",
-                    ]);
+                    self.drop_matching(&["-o", IFACE, "-p", "tcp", "-d", &gw, "--dport", &port]);
+                    self.drop_matching(&["-i", IFACE, "-p", "tcp", "-s", &gw, "--sport", &port]);
                 }
             }
             Cut::Clients(port) => {
                 let port = port.to_string();
-                self.iptables(&[
-                    "-A", "NEMESIS", "-i", IFACE, "-p", "tcp", "--dport", &port, "-j", "DROP",
-                ]);
-                self.iptables(&[
-                    "-A", "NEMESIS", "-o", IFACE, "-p", "tcp", "--sport", &port, "-j", "DROP",
-                ]);
+                self.drop_matching(&["-i", IFACE, "-p", "tcp", "--dport", &port]);
+                self.drop_matching(&["-o", IFACE, "-p", "tcp", "--sport", &port]);
             }
             Cut::All => {
-                self.iptables(&["-A", "NEMESIS", "-i", IFACE, "-j", "DROP"]);
-                self.iptables(&["-A", "NEMESIS", "-o", IFACE, "-j", "DROP"]);
+                self.drop_matching(&["-i", IFACE]);
+                self.drop_matching(&["-o", IFACE]);
             }
         }
     }
 
+    /// A fault rule: drop what `matching` matches.
+    fn drop_matching(&self, matching: &[&str]) {
+        let mut rule = vec!["-A", "NEMESIS"];
+        rule.extend_from_slice(matching);
+        rule.extend_from_slice(&["-j", "DROP"]);
+        self.iptables(&rule);
+    }
+
     /// Makes the host's link bad, until [`Host::heal`]; `seed` draws the delays.
     pub fn netem(&self, netem: Netem, seed: u64) {
-        for dir in ["-i", "-o"] {
-            if netem.loss > 0.0 {
-                self.iptables(&[
-                    "-A",
-                    "NEMESIS",
-                    dir,
-                    IFACE,
-                    "-m",
-                    "statistic",
-                    "--mode",
-                    "random",
-                    "--probability",
-                    &format!("{:.4}", netem.loss),
-                    "-j",
-                    "DROP",
-                ]);
+        let random = |share: f64| format!("{share:.4}");
+        if netem.loss > 0.0 {
+            let loss = random(netem.loss);
+            for dir in ["-i", "-o"] {
+                let statistic = ["-m", "statistic", "--mode", "random", "--probability"];
+                let mut matching = vec![dir, IFACE];
+                matching.extend_from_slice(&statistic);
+                matching.push(&loss);
+                self.drop_matching(&matching);
             }
         }
         if netem.duplicate > 0.0 {
@@ -310,7 +301,7 @@ impl Host {
                 "--mode",
                 "random",
                 "--probability",
-                &format!("{:.4}", netem.duplicate),
+                &random(netem.duplicate),
                 "-j",
                 "TEE",
                 "--gateway",
