@@ -87,6 +87,9 @@ test('two people on two nodes chat in a room and in private, and a reconnect los
     await say(ada, 'x'.repeat(5000));
     await ada.locator('#messages li.failed', { hasText: 'not sent' }).waitFor({ timeout: WAIT });
     await ada.screenshot({ path: join(shots, 'ada-lobby.png') });
+    // Its 5000-character word wraps in the message list; the room list keeps its width.
+    const nav = await ada.locator('nav').boundingBox();
+    assert.ok(nav && nav.width > 150, `the room list was squeezed to ${nav?.width} px`);
 
     // Private: Ada clicks Bob in the online list and writes; Bob sees an unread conversation.
     await ada.click('#people li:has-text("Bob")');
