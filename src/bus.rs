@@ -67,7 +67,7 @@ impl Bus {
         let channel: Arc<str> = format!("{prefix}:messages").into();
         let subscriber = connector.subscriber(BUS_CHANNEL_CAPACITY, runtime).await?;
         let messages = subscriber.message_rx();
-        subscriber.subscribe(&*channel).await?;
+        subscriber.ssubscribe(&*channel).await?;
         let metrics = runtime.metrics.clone();
         runtime.spawn(receive(
             messages,
@@ -127,7 +127,7 @@ async fn publish(
                 continue;
             }
         };
-        match client.publish::<i64, _, _>(&*channel, payload).await {
+        match client.spublish::<i64, _, _>(&*channel, payload).await {
             Ok(_) => {
                 metrics.broadcasts.inc();
             }

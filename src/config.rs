@@ -397,6 +397,10 @@ unready_delay_ms = 0
 /// The prefix of environment variables that set any key: `CHORUS__SECTION__KEY`.
 pub const ENV_PREFIX: &str = "CHORUS";
 
+/// The `REDIS_URL` schemes fred reads: one server, or a Redis Cluster named by one or more of
+/// its nodes (`redis-cluster://host:port?node=host2:port2`), each with or without TLS.
+const REDIS_SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis-cluster://", "rediss-cluster://"];
+
 impl Settings {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -451,9 +455,13 @@ impl Settings {
             );
         }
         if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            && !REDIS_SCHEMES.iter().any(|scheme| url.starts_with(scheme))
         {
-            return invalid("redis_url (REDIS_URL)", "must start with redis://".into());
+            return invalid(
+                "redis_url (REDIS_URL)",
+                "must start with redis:// (one server) or redis-cluster:// (a Redis Cluster)"
+                    .into(),
+            );
         }
         let at_least = |key, value: u64, min: u64| {
             if value < min {
@@ -672,12 +680,21 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_cluster_is_named_by_its_nodes() {
+        let url = "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001&node=127.0.0.1:7002";
+        let s = load(&[("REDIS_URL", url)]);
+        assert!(s.clustered());
+        assert_eq!(s.redis_url.as_deref(), Some(url));
+    }
+
+    #[test]
     fn a_bad_value_names_its_key() {
         for (pair, key) in [
             (("CHORUS__STORE__BATCH_MAX", "lots"), "batch_max"),
             (("PORT", "http"), "port"),
             (("DATABASE_URL", "mysql://x"), "DATABASE_URL"),
             (("CHORUS__RECOVERY__MAX_LEN", "0"), "recovery.max_len"),
+            (("REDIS_URL", "127.0.0.1:6379"), "REDIS_URL"),
         ] {
             let err = refusal(&[pair]);
             assert!(err.contains(key), "{pair:?}: {err}");

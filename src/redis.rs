@@ -114,17 +114,36 @@ impl Connections {
     }
 }
 
+/// How often a subscriber of a Redis Cluster renews its sharded subscriptions (see
+/// [`keep_subscribed`]).
+const CLUSTER_RENEWAL: Duration = Duration::from_secs(1);
+
 /// Re-subscribes to every tracked channel after each reconnect, retrying until it succeeds.
 /// fred's own `resubscribe_all` sends `SUBSCRIBE` even with no channel to name, which Redis
 /// refuses, and `manage_subscriptions` only logs a failure, leaving a connected but deaf client.
+///
+/// On a Redis Cluster it also renews the sharded subscriptions every [`CLUSTER_RENEWAL`]: when
+/// a shard's master fails over (or its slots move), Redis ends that shard's subscriptions with
+/// a `sunsubscribe` push on a connection that stays open, which fred drops without a word, so
+/// no reconnect announces it. An `SSUBSCRIBE` of a channel still subscribed changes nothing;
+/// one sent to a former master is redirected (`MOVED`) to the new one.
 async fn keep_subscribed(
     client: SubscriberClient,
     mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
     cancel: CancellationToken,
 ) {
+    let mut renewal = tokio::time::interval(CLUSTER_RENEWAL);
+    renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let clustered = client.is_clustered();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
+            _ = renewal.tick(), if clustered => {
+                if let Err(error) = resubscribe_shards(&client).await {
+                    tracing::debug!(error = %error, "renewing sharded subscriptions failed");
+                }
+                continue;
+            }
             event = reconnects.recv() => {
                 if let Err(tokio::sync::broadcast::error::RecvError::Closed) = event {
                     return;
@@ -152,11 +171,16 @@ async fn resubscribe(client: &SubscriberClient) -> Result<(), fred::error::Error
     if !channels.is_empty() {
         client.subscribe(channels).await?;
     }
-    // The Socket.IO adapter uses sharded pub/sub; one SSUBSCRIBE per channel keeps every
-    // command within one hash slot.
+    resubscribe_shards(client).await?;
+    tracing::debug!(client = %client.id(), "subscriptions restored");
+    Ok(())
+}
+
+/// The bus and the Socket.IO adapter use sharded pub/sub; one `SSUBSCRIBE` per channel keeps
+/// every command within one hash slot.
+async fn resubscribe_shards(client: &SubscriberClient) -> Result<(), fred::error::Error> {
     for channel in client.tracked_shard_channels() {
         client.ssubscribe(channel.to_string()).await?;
     }
-    tracing::debug!(client = %client.id(), "subscriptions restored");
     Ok(())
 }

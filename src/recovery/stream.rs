@@ -286,7 +286,8 @@ fn group_by_room(batches: Vec<Vec<Arc<Message>>>) -> Vec<Vec<Arc<Message>>> {
     grouped
 }
 
-/// The append script, loaded on first use and again when Redis has forgotten it (a restart).
+/// The append script: loaded once for its hash, run by hash, and by its text on a server that
+/// has not seen it (a restart, another cluster master, a promoted replica).
 struct AppendScript {
     sha: Option<String>,
 }
@@ -324,12 +325,11 @@ impl AppendScript {
             }
         });
         let mut results = join_all(attempts).await;
-        // Redis forgot the script (a restart): load it again and retry those one by one.
+        // A server that has not seen the script: run those again one by one, as `run` does.
         for (batch, result) in batches.iter().zip(results.iter_mut()) {
             if let Err(error) = result
-                && error.details().starts_with("NOSCRIPT")
+                && is_noscript(error)
             {
-                self.sha = None;
                 let key = batch.first().map(|m| keys.of(&m.room)).unwrap_or_default();
                 *result = self.run(client, &key, batch, max_len, ttl_ms).await;
             }
@@ -346,27 +346,32 @@ impl AppendScript {
         max_len: i64,
         ttl_ms: i64,
     ) -> Result<(), fred::error::Error> {
-        // The arguments are built per attempt: a retry after a reload is rare, and cloning them
-        // on every call is not.
+        // The arguments are built per attempt: a retry with the script's text is rare, and
+        // cloning them on every call is not.
         let args = || script_args(batch, max_len, ttl_ms);
-        for _ in 0..2 {
-            let sha = match &self.sha {
-                Some(sha) => sha.clone(),
-                None => {
-                    let sha: String = client.script_load(APPEND_SCRIPT).await?;
-                    self.sha.insert(sha).clone()
-                }
-            };
-            match client.evalsha::<Value, _, _, _>(sha, key, args()).await {
-                Err(error) if error.details().starts_with("NOSCRIPT") => self.sha = None,
-                result => return result.map(drop),
+        let sha = match &self.sha {
+            Some(sha) => sha.clone(),
+            None => {
+                let sha: String = client.script_load(APPEND_SCRIPT).await?;
+                self.sha.insert(sha).clone()
             }
+        };
+        match client.evalsha::<Value, _, _, _>(sha, key, args()).await {
+            // The server holding the key has not seen the script: it restarted, or it is a
+            // cluster master other than the one that loaded it, or a replica that took over.
+            // EVAL runs the text and leaves it cached there for the next EVALSHA.
+            Err(error) if is_noscript(&error) => client
+                .eval::<Value, _, _, _>(APPEND_SCRIPT, key, args())
+                .await
+                .map(drop),
+            result => result.map(drop),
         }
-        Err(fred::error::Error::new(
-            fred::error::ErrorKind::Unknown,
-            "redis forgot the append script right after loading it",
-        ))
     }
+}
+
+/// Whether Redis refused an `EVALSHA` for not knowing the script.
+fn is_noscript(error: &fred::error::Error) -> bool {
+    error.details().starts_with("NOSCRIPT")
 }
 
 /// The append script's arguments for `batch` (see the script).

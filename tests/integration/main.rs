@@ -11,6 +11,7 @@ mod names;
 mod nemesis;
 mod presence;
 mod recovery;
+mod redis_cluster;
 mod rooms;
 mod support;
 mod topology;

@@ -51,4 +51,4 @@ pub use netns::{Cut, Host, Netem, TestNet};
 pub use node::{Node, TestSettings, spawn_cluster, stop_all};
 pub use process::{NodeSetup, ProcNode, signal, start_nodes};
 pub use proxy::FaultProxy;
-pub use redis::{PrivateRedis, REDIS, require_redis};
+pub use redis::{PrivateRedis, PrivateRedisCluster, REDIS, require_redis};
