@@ -368,6 +368,42 @@ async fn the_connection_ramp_runs() {
     );
 }
 
+/// The flaky-clients scenario's smoke run: 50 clients dropping every 3 s or so and coming back
+/// over three chorus nodes behind nginx (and the baseline's) for 8 s of publishing; chorus must
+/// deliver every message to every client once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flaky_clients_run() {
+    require_redis(REDIS).await;
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_chorus")).with_file_name("chorus-bench");
+    let out = tokio::process::Command::new(&bench)
+        .args(["flaky", "--quick", "--baseline"])
+        .output()
+        .await
+        .expect("run chorus-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "chorus-bench flaky --quick failed");
+    let csv = std::fs::read_to_string(
+        chorus_testkit::fixture::repo_root().join("bench/results/flaky-quick.csv"),
+    )
+    .expect("bench/results/flaky-quick.csv");
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 2, "a row each for chorus and the baseline:\n{csv}");
+    let chorus = rows
+        .iter()
+        .find(|r| r[0] == "chorus")
+        .expect("a chorus row");
+    // system,clients,published,delivered_share,complete,duplicated,reordered,drops,...,replays
+    assert_eq!(chorus[1], "50");
+    assert!(chorus[2].parse::<u64>().expect("published") >= 70, "{csv}");
+    assert_eq!(chorus[3], "1.000000", "every message reached every client:\n{csv}");
+    assert_eq!((chorus[4], chorus[5], chorus[6]), ("50", "0", "0"), "{csv}");
+    // A first connection lives up to 3 s in the smoke run: each client drops while the
+    // publisher publishes, and misses messages it must replay.
+    assert!(chorus[7].parse::<u64>().expect("drops") >= 50, "clients dropped:\n{csv}");
+    assert!(chorus[9].parse::<u64>().expect("replays") >= 50, "reconnects replayed:\n{csv}");
+}
+
 /// Two nodes' logs append overlapping batches to one stream, each in offset order as a feed
 /// releases them: however their calls interleave, the stream holds every offset once, in order,
 /// and no skipped entry counts as an error. Once trimming removed every entry (the stream's last

@@ -32,6 +32,32 @@ impl Conn {
         })
     }
 
+    /// Like [`Conn::connect`], also returning the `chat message`s that arrived before the
+    /// namespace's answer as `(content, offset)`, in order.
+    /// The connection comes from the local address `local`.
+    pub async fn connect_early(
+        base: &str,
+        local: std::net::IpAddr,
+        auth: Option<&Value>,
+    ) -> anyhow::Result<(Conn, Vec<(String, i64)>)> {
+        let stream = transport::tcp_from(base, local).await?;
+        let joined = transport::join_over(stream, base, auth, CONNECT_TIMEOUT).await?;
+        let early = joined
+            .early_events
+            .into_iter()
+            .filter(|(name, _)| name == "chat message")
+            .filter_map(|(_, args)| match args.as_slice() {
+                [Value::String(content), offset, ..] => Some((content.clone(), offset.as_i64()?)),
+                _ => None,
+            })
+            .collect();
+        let conn = Conn {
+            ws: joined.ws,
+            next_ack: 0,
+        };
+        Ok((conn, early))
+    }
+
     /// Like [`Conn::connect`] from the local address `local` (another client address).
     pub async fn connect_from(base: &str, local: std::net::IpAddr) -> anyhow::Result<Conn> {
         let stream = transport::tcp_from(base, local).await?;
@@ -110,6 +136,16 @@ impl Conn {
                 return Ok(None);
             }
             return Ok(Some(frame));
+        }
+    }
+
+    /// Drops the connection the way a lost network does to an app: no websocket close, no
+    /// Socket.IO disconnect, and no FIN either (a zero linger time makes the close a reset).
+    pub fn abort(self) {
+        if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = self.ws.get_ref()
+            && let Err(error) = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO))
+        {
+            eprintln!("SO_LINGER not set ({error}); this drop sends a FIN");
         }
     }
 

@@ -3,6 +3,7 @@
 //! and Redis. It starts every server itself. `bench/README.md` explains the scenarios.
 
 mod conn;
+mod flaky;
 mod floor;
 mod hist;
 mod scenarios;
@@ -72,6 +73,21 @@ enum Scenario {
         /// Seconds the connections sit idle at the top while the server's CPU is measured
         #[arg(long, default_value_t = 30, value_parser = positive)]
         idle_seconds: usize,
+    },
+    /// Flaky clients: tutorial clients over three nodes behind nginx that drop their
+    /// connection (a reset) about every 15 s and reconnect 1-2 s later with
+    /// `auth.serverOffset`, while a publisher sends 10 messages/s; delivered share,
+    /// duplicates, reordering and replay latency, written to bench/results/flaky.csv
+    Flaky {
+        /// Client counts, one run each (comma-separated)
+        #[arg(long, value_delimiter = ',', value_parser = positive, default_value = "1000,10000")]
+        clients: Vec<usize>,
+        /// Seconds the publisher publishes
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// Run the baseline too, and print both side by side
+        #[arg(long)]
+        baseline: bool,
     },
     /// Acked, stored messages/s with distinct client offsets
     Store {
@@ -472,6 +488,114 @@ async fn connect_ramp(
         println!("{:<9} connect: stopped: {why}", system.name());
     }
     Ok(ramp)
+}
+
+/// One flaky-clients run: three nodes of `system` behind nginx, sized for `clients`. The
+/// servers are not pinned: what a client sees is the whole machine's answer.
+async fn flaky_run(
+    system: System,
+    o: &Options,
+    clients: usize,
+    seconds: f64,
+) -> anyhow::Result<flaky::FlakyResult> {
+    let mut unpinned = Options {
+        system,
+        nodes: 3,
+        quick: o.quick,
+        services: o.services.clone(),
+    };
+    unpinned.services.server_cpu = None;
+    let cluster = Cluster::start(system, 3, &unpinned, &[]).await?;
+    let nodes: Vec<std::net::SocketAddr> = cluster
+        .servers
+        .iter()
+        .map(|s| std::net::SocketAddr::from(([127, 0, 0, 1], s.port)))
+        .collect();
+    let balancer = chorus_testkit::Balancer::start_for(chorus_testkit::Lb::Nginx, &nodes, clients + 16).await;
+    let mut params = flaky::Flaky::standard(clients, seconds);
+    if o.quick {
+        // A smoke run: every client drops a few times in its seconds.
+        params.lifetime = Duration::from_secs(3);
+        params.away = (Duration::from_millis(500), Duration::from_secs(1));
+    }
+    let result = flaky::run(&balancer.url(), params).await;
+    drop(balancer);
+    cluster.stop().await?;
+    let r = result?;
+    println!(
+        "{:<9} flaky: {:>6} clients, {} published: delivered {:.4}%, complete {}/{}, dup {}, reordered {}, drops {}, failed connects {}, replays {} p50 {:.0} p99 {:.0} max {:.0} ms, gen cpu {:.2}",
+        system.name(),
+        clients,
+        r.published,
+        r.delivered_share * 100.0,
+        r.complete,
+        clients,
+        r.duplicated,
+        r.reordered,
+        r.drops,
+        r.failed_connects,
+        r.replays,
+        r.replay_ms.p50,
+        r.replay_ms.p99,
+        r.replay_ms.max,
+        r.generator_cpu
+    );
+    for (client, gap) in &r.incomplete {
+        println!("{:<9} flaky: client {client} misses offset {gap} (first gap)", system.name());
+    }
+    Ok(r)
+}
+
+/// The flaky runs side by side.
+fn print_flaky_table(runs: &[(System, flaky::FlakyResult)]) {
+    println!(
+        "{:<9} {:>7} {:>9} {:>11} {:>6} {:>9} {:>6} {:>8} {:>10} {:>10}",
+        "system", "clients", "published", "delivered", "dup", "reordered", "drops", "replays", "replay p50", "replay p99"
+    );
+    for (system, r) in runs {
+        println!(
+            "{:<9} {:>7} {:>9} {:>10.3}% {:>6} {:>9} {:>6} {:>8} {:>7.0} ms {:>7.0} ms",
+            system.name(),
+            r.params.clients,
+            r.published,
+            r.delivered_share * 100.0,
+            r.duplicated,
+            r.reordered,
+            r.drops,
+            r.replays,
+            r.replay_ms.p50,
+            r.replay_ms.p99
+        );
+    }
+}
+
+/// bench/results/flaky.csv.
+fn write_flaky_results(runs: &[(System, flaky::FlakyResult)], quick: bool) -> anyhow::Result<()> {
+    let mut csv = String::from(
+        "system,clients,published,delivered_share,complete,duplicated,reordered,drops,failed_connects,replays,replay_p50_ms,replay_p99_ms,replay_max_ms,generator_cpu\n",
+    );
+    for (system, r) in runs {
+        writeln!(
+            csv,
+            "{},{},{},{:.6},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.2}",
+            system.name(),
+            r.params.clients,
+            r.published,
+            r.delivered_share,
+            r.complete,
+            r.duplicated,
+            r.reordered,
+            r.drops,
+            r.failed_connects,
+            r.replays,
+            r.replay_ms.p50,
+            r.replay_ms.p99,
+            r.replay_ms.max,
+            r.generator_cpu
+        )?;
+    }
+    std::fs::write(result_file("flaky", "csv", quick)?, csv)?;
+    Ok(())
 }
 
 /// The ramps side by side: one row per step.
@@ -1407,6 +1531,29 @@ async fn main() -> anyhow::Result<()> {
             }
             print_connect_table(&ramps);
             write_connect_results(&ramps, o.quick)
+        }
+        Scenario::Flaky {
+            clients,
+            seconds,
+            baseline,
+        } => {
+            let mut systems = vec![o.system];
+            if baseline && o.system != System::Baseline {
+                systems.push(System::Baseline);
+            }
+            let (clients, seconds) = if o.quick {
+                (vec![50], 8.0)
+            } else {
+                (clients, seconds)
+            };
+            let mut runs = Vec::new();
+            for &n in &clients {
+                for &system in &systems {
+                    runs.push((system, flaky_run(system, &o, n, seconds).await?));
+                }
+            }
+            print_flaky_table(&runs);
+            write_flaky_results(&runs, o.quick)
         }
         Scenario::Store { rooms } => store_rate(o.system, &o, rooms).await.map(|_| ()),
         Scenario::RawInserts => raw_insert_rate(&o).await.map(|_| ()),

@@ -81,7 +81,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram) -> Self {
+    pub fn of(h: &Histogram) -> Self {
         let ms = |us: u64| us as f64 / 1000.0;
         Self {
             p50: ms(h.quantile(0.50)),

@@ -41,6 +41,13 @@ impl Balancer {
     /// Like [`Balancer::start`], for nodes at `nodes` (in test hosts, say); it listens on
     /// loopback.
     pub async fn start_at(kind: Lb, nodes: &[SocketAddr]) -> Balancer {
+        Self::start_for(kind, nodes, 0).await
+    }
+
+    /// Like [`Balancer::start_at`], sized for `clients` connections at once: beyond the
+    /// default's 2 000, nginx gets a second worker (the kernel spreads accepted connections
+    /// with `reuseport`) and the descriptors for two per connection (client and node side).
+    pub async fn start_for(kind: Lb, nodes: &[SocketAddr], clients: usize) -> Balancer {
         assert_eq!(nodes.len(), 3, "the shipped configs name three nodes");
         let port = free_port();
         let dir = tempfile::Builder::new()
@@ -58,9 +65,14 @@ impl Balancer {
                     site.contains("\n    listen 80;\n"),
                     "chorus.conf listens on 80"
                 );
+                let (workers, per_worker) = match clients {
+                    0..=2000 => (1, 4096),
+                    _ => (2, clients + 1024),
+                };
+                let reuseport = if workers > 1 { " reuseport" } else { "" };
                 let site = site.replace(
                     "\n    listen 80;\n",
-                    &format!("\n    listen 127.0.0.1:{port};\n"),
+                    &format!("\n    listen 127.0.0.1:{port}{reuseport};\n"),
                 );
                 let mut upstreams = std::fs::read_to_string(deploy.join("nginx/chorus-nodes.conf"))
                     .expect("deploy/nginx/chorus-nodes.conf");
@@ -70,10 +82,12 @@ impl Balancer {
                     upstreams = upstreams.replace(&name, &node.to_string());
                 }
                 let main = format!(
-                    "worker_processes 1;\npid {dir}/nginx.pid;\n\
-                     events {{ worker_connections 4096; }}\n\
+                    "worker_processes {workers};\npid {dir}/nginx.pid;\n\
+                     worker_rlimit_nofile {files};\n\
+                     events {{ worker_connections {per_worker}; }}\n\
                      http {{\n    access_log off;\n    include chorus.conf;\n}}\n",
-                    dir = path.display()
+                    dir = path.display(),
+                    files = per_worker + 64,
                 );
                 std::fs::write(path.join("chorus.conf"), site).expect("write chorus.conf");
                 std::fs::write(path.join("chorus-nodes.conf"), upstreams).expect("write nodes");
