@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 use socketioxide::{SocketIo, SocketIoBuilder, adapter::Adapter};
 use socketioxide_core::adapter::DefinedAdapter;
 use socketioxide_redis::{FredAdapter, RedisAdapterConfig, RedisAdapterCtr};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tower::ServiceExt;
 
 use crate::{
@@ -177,12 +177,46 @@ async fn bind(host: &str, port: u16) -> Result<(TcpListener, SocketAddr), StartE
 }
 
 async fn bind_addr(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
-    let addr = addr.to_owned();
-    let bound = TcpListener::bind(&addr).await.and_then(|listener| {
-        let local = listener.local_addr()?;
-        Ok((listener, local))
-    });
-    bound.map_err(|source| StartError::Bind { addr, source })
+    listen(addr).await.map_err(|source| StartError::Bind {
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+/// Connections the kernel completes and holds for the node before it accepts them (capped by
+/// `net.core.somaxconn`). tokio's `bind` asks for 128 here, which a reconnect storm (thousands
+/// of clients coming back after a network blip) overflows while the node is busy: the kernel
+/// then drops SYNs, and each dropped one costs its client a retransmit of a second or more.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listens on the first address `addr` resolves to that can be bound, with [`LISTEN_BACKLOG`].
+async fn listen(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let mut failure = None;
+    for candidate in tokio::net::lookup_host(addr).await? {
+        let socket = if candidate.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // As tokio's `bind` does: a restarted node can bind while old connections linger.
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(candidate)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(listener) => {
+                let local = listener.local_addr()?;
+                return Ok((listener, local));
+            }
+            Err(error) => failure = Some(error),
+        }
+    }
+    Err(failure.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    }))
 }
 
 /// The configured node id, or the host name and the bound port.
