@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -29,10 +29,13 @@ use crate::{
 /// Source addresses the clients connect from (127.0.1.1 and up): the balancer hashes on the
 /// client's address, and each reconnect picks one at random, so it may land on another node.
 const SOURCES: u8 = 64;
-/// How long after the publisher stops a client may take to hold everything.
-const DRAIN: Duration = Duration::from_secs(30);
-/// The pause before another attempt when a reconnect fails.
+/// How long after the publisher stops a client may take to hold everything (on a saturated
+/// machine a reconnect's SYN can be dropped several times, and each retransmit waits longer).
+const DRAIN: Duration = Duration::from_secs(90);
+/// The pause before another attempt when a connect fails.
 const RETRY: Duration = Duration::from_secs(1);
+/// How long a client keeps trying its first connect (a server may be slow to take thousands).
+const FIRST_CONNECT: Duration = Duration::from_secs(120);
 
 /// The scenario's shape.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -85,11 +88,24 @@ pub struct FlakyResult {
     /// From the start of such a reconnect until the client held every message published
     /// before it began.
     pub replay_ms: Percentiles,
-    /// Clients still missing something at the end of the drain, and their first gap, for the
-    /// report (at most 5).
-    pub incomplete: Vec<(usize, i64)>,
+    /// From the start of a connect (the first and every reconnect, failed attempts included)
+    /// until the namespace answered.
+    pub connect_ms: Percentiles,
+    /// The replays again, from the namespace's answer: the server's part of a catch-up.
+    pub after_connect_ms: Percentiles,
+    /// Clients missing something at the end of the drain whose last reconnect was still
+    /// failing then (the rest are missing messages while connected).
+    pub unconnected: usize,
+    /// Clients missing something at the end of the drain, for the report (at most 5): the
+    /// client, its first missing offset, how many messages it had, and whether it was still
+    /// failing to reconnect.
+    pub incomplete: Vec<(usize, i64, usize, bool)>,
     /// CPU seconds the generator used per second of the run (1.0 = one core busy).
     pub generator_cpu: f64,
+    /// The same for the servers together, and for the whole machine (filled in by the caller,
+    /// which knows the servers).
+    pub servers_cores: f64,
+    pub machine_cores: f64,
 }
 
 /// What the clients share.
@@ -97,8 +113,10 @@ struct Shared {
     run: String,
     /// The highest offset the publisher has received back: what a reconnect must catch up to.
     head: AtomicI64,
-    /// Set when the publisher is done; then `last` is the final offset.
-    published: AtomicBool,
+    /// True once the publisher is done; then `last` is the final offset and `drain_until`
+    /// the end of the run.
+    done: tokio::sync::watch::Sender<bool>,
+    drain_until: std::sync::OnceLock<Instant>,
     last: AtomicI64,
     drops: AtomicU64,
     failed_connects: AtomicU64,
@@ -110,6 +128,12 @@ struct Seen {
     offsets: Vec<i64>,
     /// Each replay's time, µs (a histogram each would be 18 KB a client).
     replays: Vec<u64>,
+    /// Each connect's time until the namespace answered, µs, failed attempts included.
+    connects: Vec<u64>,
+    /// Each replay's time from the namespace's answer, µs.
+    after_connect: Vec<u64>,
+    /// Whether its last reconnect was still failing when the drain ended.
+    unconnected: bool,
 }
 
 fn source(rng: &mut fastrand::Rng) -> IpAddr {
@@ -132,12 +156,14 @@ async fn client(
     let mut seen = Seen {
         offsets: Vec::with_capacity((params.seconds * params.rate) as usize + 16),
         replays: Vec::new(),
+        connects: Vec::new(),
+        after_connect: Vec::new(),
+        unconnected: false,
     };
     let mut highest = 0i64;
     let mut first = true;
     // The first lifetime is spread over one mean lifetime, so drops do not come in waves.
     let mut lifetime = params.lifetime.mul_f64(rng.f64());
-    let mut deadline: Option<Instant> = None;
     loop {
         // A reconnect: from its start until the client holds what was published before it.
         let began = Instant::now();
@@ -146,17 +172,24 @@ async fn client(
         let (mut conn, early) = loop {
             match Conn::connect_early(&url, source(&mut rng), Some(&auth)).await {
                 Ok(joined) => break joined,
-                Err(error) if first => {
+                Err(error) if first && began.elapsed() > FIRST_CONNECT => {
                     // The others wait for everyone's first connect.
                     shared.connected.wait().await;
                     return Err(error.context("a first connect"));
                 }
                 Err(_) => {
                     shared.failed_connects.fetch_add(1, Relaxed);
+                    if shared.drain_until.get().is_some_and(|d| Instant::now() >= *d) {
+                        // Still away when the drain ended: what it missed stays missed.
+                        seen.unconnected = true;
+                        return Ok(seen);
+                    }
                     tokio::time::sleep(RETRY).await;
                 }
             }
         };
+        let answered = Instant::now();
+        seen.connects.push(answered.duration_since(began).as_micros() as u64);
         let mut replaying = target > highest;
         let record = |offset: i64, highest: &mut i64, replaying: &mut bool, seen: &mut Seen| {
             seen.offsets.push(offset);
@@ -164,6 +197,7 @@ async fn client(
             if *replaying && *highest >= target {
                 *replaying = false;
                 seen.replays.push(began.elapsed().as_micros() as u64);
+                seen.after_connect.push(answered.elapsed().as_micros() as u64);
             }
         };
         for (content, offset) in early {
@@ -175,23 +209,33 @@ async fn client(
             first = false;
             shared.connected.wait().await;
         }
-        let drop_at = tokio::time::Instant::now() + lifetime;
+        let drop_at = tokio::time::sleep(lifetime);
+        tokio::pin!(drop_at);
         lifetime = between(
             &mut rng,
             params.lifetime.mul_f64(2.0 / 3.0),
             params.lifetime.mul_f64(4.0 / 3.0),
         );
+        let mut done = shared.done.subscribe();
         loop {
-            if shared.published.load(Relaxed) {
+            let publishing = !*done.borrow_and_update();
+            if !publishing {
                 let last = shared.last.load(Relaxed);
-                let until = *deadline.get_or_insert_with(|| Instant::now() + DRAIN);
-                if highest >= last || Instant::now() >= until {
+                let until = shared.drain_until.get().copied();
+                if highest >= last || until.is_some_and(|d| Instant::now() >= d) {
                     conn.close().await;
                     return Ok(seen);
                 }
             }
+            // The drain's deadline, once there is one (a few frames at the end of a run).
+            let drain_left = shared
+                .drain_until
+                .get()
+                .map_or(DRAIN, |d| d.saturating_duration_since(Instant::now()));
             tokio::select! {
-                () = tokio::time::sleep_until(drop_at), if !shared.published.load(Relaxed) => break,
+                () = &mut drop_at, if publishing => break,
+                _ = done.changed(), if publishing => {}
+                () = tokio::time::sleep(drain_left), if !publishing => {}
                 frame = conn.next() => match frame {
                     Ok(Some(frame)) => {
                         if let Frame::ChatMessage { content, offset } = parse(&frame)
@@ -204,10 +248,9 @@ async fn client(
                     // client reconnects at once, as the tutorial's would.
                     Ok(None) | Err(_) => break,
                 },
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
-        if shared.published.load(Relaxed) && deadline.is_some_and(|d| Instant::now() >= d) {
+        if shared.drain_until.get().is_some_and(|d| Instant::now() >= *d) {
             return Ok(seen);
         }
         conn.abort();
@@ -257,7 +300,8 @@ async fn publisher(url: String, params: Flaky, shared: Arc<Shared>) -> anyhow::R
         }
     }
     shared.last.store(shared.head.load(Relaxed), Relaxed);
-    shared.published.store(true, Relaxed);
+    let _ = shared.drain_until.set(Instant::now() + DRAIN);
+    shared.done.send_replace(true);
     conn.close().await;
     Ok(back)
 }
@@ -267,7 +311,8 @@ pub async fn run(url: &str, params: Flaky) -> anyhow::Result<FlakyResult> {
     let shared = Arc::new(Shared {
         run: format!("flaky{}", run_id()),
         head: AtomicI64::new(0),
-        published: AtomicBool::new(false),
+        done: tokio::sync::watch::Sender::new(false),
+        drain_until: std::sync::OnceLock::new(),
         last: AtomicI64::new(0),
         drops: AtomicU64::new(0),
         failed_connects: AtomicU64::new(0),
@@ -277,8 +322,9 @@ pub async fn run(url: &str, params: Flaky) -> anyhow::Result<FlakyResult> {
     for i in 0..params.clients {
         tasks.push(tokio::spawn(client(url.to_owned(), i, params, shared.clone())));
         if i % 100 == 99 {
-            // Do not open thousands of sockets in one instant.
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // 2 000 first connects a second: a storm of them would only measure the listen
+            // queues, before the scenario starts.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     let cpu_before = servers::cpu_seconds(std::process::id())?;
@@ -286,10 +332,14 @@ pub async fn run(url: &str, params: Flaky) -> anyhow::Result<FlakyResult> {
     let publisher = tokio::spawn(publisher(url.to_owned(), params, shared.clone()));
     let published = publisher.await.context("publisher task")??;
     let last = shared.last.load(Relaxed);
-    let mut replays = Histogram::default();
+    let (mut replays, mut connects, mut after_connect) = (
+        Histogram::default(),
+        Histogram::default(),
+        Histogram::default(),
+    );
     let (mut delivered, mut complete, mut duplicated, mut reordered) = (0u64, 0, 0u64, 0u64);
     let mut replay_count = 0u64;
-    let mut incomplete = Vec::new();
+    let (mut incomplete, mut unconnected) = (Vec::new(), 0);
     for (i, seen) in join_all(tasks).await.into_iter().enumerate() {
         let seen = seen.context("client task")??;
         let mut have = vec![false; usize::try_from(last).unwrap_or(0) + 1];
@@ -311,12 +361,23 @@ pub async fn run(url: &str, params: Flaky) -> anyhow::Result<FlakyResult> {
         }
         match have.iter().skip(1).position(|h| !h) {
             None => complete += 1,
-            Some(gap) if incomplete.len() < 5 => incomplete.push((i, gap as i64 + 1)),
-            Some(_) => {}
+            Some(gap) => {
+                unconnected += usize::from(seen.unconnected);
+                if incomplete.len() < 5 {
+                    let had = have.iter().filter(|h| **h).count();
+                    incomplete.push((i, gap as i64 + 1, had, seen.unconnected));
+                }
+            }
         }
         replay_count += seen.replays.len() as u64;
         for &us in &seen.replays {
             replays.record(us);
+        }
+        for &us in &seen.connects {
+            connects.record(us);
+        }
+        for &us in &seen.after_connect {
+            after_connect.record(us);
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -337,8 +398,13 @@ pub async fn run(url: &str, params: Flaky) -> anyhow::Result<FlakyResult> {
         failed_connects: shared.failed_connects.load(Relaxed),
         replays: replay_count,
         replay_ms: Percentiles::of(&replays),
+        connect_ms: Percentiles::of(&connects),
+        after_connect_ms: Percentiles::of(&after_connect),
+        unconnected,
         incomplete,
         generator_cpu: cpu / elapsed,
+        servers_cores: 0.0,
+        machine_cores: 0.0,
     })
 }
 

@@ -505,7 +505,12 @@ async fn flaky_run(
         services: o.services.clone(),
     };
     unpinned.services.server_cpu = None;
-    let cluster = Cluster::start(system, 3, &unpinned, &[]).await?;
+    // The contract reads `serverOffset` 0 as a new client, which gets the newest 100 messages:
+    // a client whose first connection dropped before any message arrived, and that came back
+    // more than 100 messages later, would miss the first ones by that rule. The tutorial's
+    // server replays everything after 0; chorus's rule for that is an unlimited history.
+    let extra = [("CHORUS__CHAT__HISTORY", "unlimited")];
+    let cluster = Cluster::start(system, 3, &unpinned, &extra).await?;
     let nodes: Vec<std::net::SocketAddr> = cluster
         .servers
         .iter()
@@ -518,12 +523,23 @@ async fn flaky_run(
         params.lifetime = Duration::from_secs(3);
         params.away = (Duration::from_millis(500), Duration::from_secs(1));
     }
+    let pids: Vec<u32> = cluster.servers.iter().filter_map(Server::pid).collect();
+    let servers_cpu = || -> anyhow::Result<f64> {
+        pids.iter().map(|&pid| servers::cpu_seconds(pid)).sum()
+    };
+    let (servers_before, machine_before) = (servers_cpu()?, machine_busy_seconds()?);
+    let started = std::time::Instant::now();
     let result = flaky::run(&balancer.url(), params).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let servers_cores = (servers_cpu()? - servers_before) / elapsed;
+    let machine_cores = (machine_busy_seconds()? - machine_before) / elapsed;
     drop(balancer);
     cluster.stop().await?;
-    let r = result?;
+    let mut r = result?;
+    r.servers_cores = servers_cores;
+    r.machine_cores = machine_cores;
     println!(
-        "{:<9} flaky: {:>6} clients, {} published: delivered {:.4}%, complete {}/{}, dup {}, reordered {}, drops {}, failed connects {}, replays {} p50 {:.0} p99 {:.0} max {:.0} ms, gen cpu {:.2}",
+        "{:<9} flaky: {:>6} clients, {} published: delivered {:.4}%, complete {}/{}, dup {}, reordered {}, drops {}, failed connects {}, connect p50 {:.0} p99 {:.0} ms, replays {} p50 {:.0} p99 {:.0} max {:.0} ms (after the connect p50 {:.0} p99 {:.0} ms), servers {:.2} cores, machine {:.2} cores, gen cpu {:.2}",
         system.name(),
         clients,
         r.published,
@@ -534,27 +550,63 @@ async fn flaky_run(
         r.reordered,
         r.drops,
         r.failed_connects,
+        r.connect_ms.p50,
+        r.connect_ms.p99,
         r.replays,
         r.replay_ms.p50,
         r.replay_ms.p99,
         r.replay_ms.max,
+        r.after_connect_ms.p50,
+        r.after_connect_ms.p99,
+        r.servers_cores,
+        r.machine_cores,
         r.generator_cpu
     );
-    for (client, gap) in &r.incomplete {
-        println!("{:<9} flaky: client {client} misses offset {gap} (first gap)", system.name());
+    if r.complete < clients {
+        println!(
+            "{:<9} flaky: {} clients incomplete, {} of them still failing to reconnect when the drain ended",
+            system.name(),
+            clients - r.complete,
+            r.unconnected
+        );
+    }
+    for (client, gap, had, unconnected) in &r.incomplete {
+        println!(
+            "{:<9} flaky: client {client} misses offset {gap} first, had {had} messages{}",
+            system.name(),
+            if *unconnected { ", was still reconnecting" } else { "" }
+        );
     }
     Ok(r)
 }
 
 /// The flaky runs side by side.
-fn print_flaky_table(runs: &[(System, flaky::FlakyResult)]) {
+fn print_flaky_table(runs: &[(System, usize, Result<flaky::FlakyResult, String>)]) {
     println!(
-        "{:<9} {:>7} {:>9} {:>11} {:>6} {:>9} {:>6} {:>8} {:>10} {:>10}",
-        "system", "clients", "published", "delivered", "dup", "reordered", "drops", "replays", "replay p50", "replay p99"
+        "{:<9} {:>7} {:>9} {:>11} {:>6} {:>9} {:>6} {:>8} {:>10} {:>10} {:>11} {:>8}",
+        "system",
+        "clients",
+        "published",
+        "delivered",
+        "dup",
+        "reordered",
+        "drops",
+        "replays",
+        "replay p50",
+        "replay p99",
+        "connect p99",
+        "machine"
     );
-    for (system, r) in runs {
+    for (system, clients, run) in runs {
+        let r = match run {
+            Ok(r) => r,
+            Err(e) => {
+                println!("{:<9} {clients:>7} failed: {e}", system.name());
+                continue;
+            }
+        };
         println!(
-            "{:<9} {:>7} {:>9} {:>10.3}% {:>6} {:>9} {:>6} {:>8} {:>7.0} ms {:>7.0} ms",
+            "{:<9} {:>7} {:>9} {:>10.3}% {:>6} {:>9} {:>6} {:>8} {:>7.0} ms {:>7.0} ms {:>8.0} ms {:>4.2} cores",
             system.name(),
             r.params.clients,
             r.published,
@@ -564,20 +616,33 @@ fn print_flaky_table(runs: &[(System, flaky::FlakyResult)]) {
             r.drops,
             r.replays,
             r.replay_ms.p50,
-            r.replay_ms.p99
+            r.replay_ms.p99,
+            r.connect_ms.p99,
+            r.machine_cores
         );
     }
 }
 
 /// bench/results/flaky.csv.
-fn write_flaky_results(runs: &[(System, flaky::FlakyResult)], quick: bool) -> anyhow::Result<()> {
+fn write_flaky_results(
+    runs: &[(System, usize, Result<flaky::FlakyResult, String>)],
+    quick: bool,
+) -> anyhow::Result<()> {
     let mut csv = String::from(
-        "system,clients,published,delivered_share,complete,duplicated,reordered,drops,failed_connects,replays,replay_p50_ms,replay_p99_ms,replay_max_ms,generator_cpu\n",
+        "system,clients,published,delivered_share,complete,duplicated,reordered,drops,failed_connects,replays,replay_p50_ms,replay_p99_ms,replay_max_ms,connect_p50_ms,connect_p99_ms,after_connect_p50_ms,after_connect_p99_ms,servers_cores,machine_cores,generator_cpu,failure\n",
     );
-    for (system, r) in runs {
+    for (system, clients, run) in runs {
+        let r = match run {
+            Ok(r) => r,
+            Err(e) => {
+                let e = e.replace([',', '\n'], ";");
+                writeln!(csv, "{},{clients},,,,,,,,,,,,,,,,,,,{e}", system.name())?;
+                continue;
+            }
+        };
         writeln!(
             csv,
-            "{},{},{},{:.6},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.2}",
+            "{},{},{},{:.6},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.2},{:.2},{:.2},",
             system.name(),
             r.params.clients,
             r.published,
@@ -591,6 +656,12 @@ fn write_flaky_results(runs: &[(System, flaky::FlakyResult)], quick: bool) -> an
             r.replay_ms.p50,
             r.replay_ms.p99,
             r.replay_ms.max,
+            r.connect_ms.p50,
+            r.connect_ms.p99,
+            r.after_connect_ms.p50,
+            r.after_connect_ms.p99,
+            r.servers_cores,
+            r.machine_cores,
             r.generator_cpu
         )?;
     }
@@ -1549,11 +1620,22 @@ async fn main() -> anyhow::Result<()> {
             let mut runs = Vec::new();
             for &n in &clients {
                 for &system in &systems {
-                    runs.push((system, flaky_run(system, &o, n, seconds).await?));
+                    // A server that gives up (closes the publisher, refuses first connects)
+                    // is a result too: the others still run.
+                    let run = flaky_run(system, &o, n, seconds).await.map_err(|e| {
+                        println!("{:<9} flaky: {n:>6} clients: failed: {e:#}", system.name());
+                        format!("{e:#}")
+                    });
+                    runs.push((system, n, run));
                 }
             }
             print_flaky_table(&runs);
-            write_flaky_results(&runs, o.quick)
+            write_flaky_results(&runs, o.quick)?;
+            ensure!(
+                runs.iter().all(|(system, _, run)| run.is_ok() || *system != System::Chorus),
+                "a chorus run failed"
+            );
+            Ok(())
         }
         Scenario::Store { rooms } => store_rate(o.system, &o, rooms).await.map(|_| ()),
         Scenario::RawInserts => raw_insert_rate(&o).await.map(|_| ()),

@@ -46,7 +46,8 @@ impl Balancer {
 
     /// Like [`Balancer::start_at`], sized for `clients` connections at once: beyond the
     /// default's 2 000, nginx gets a second worker (the kernel spreads accepted connections
-    /// with `reuseport`) and the descriptors for two per connection (client and node side).
+    /// with `reuseport`), descriptors for two per connection (client and node side) with room
+    /// to spare, and a listen queue for a reconnect storm.
     pub async fn start_for(kind: Lb, nodes: &[SocketAddr], clients: usize) -> Balancer {
         assert_eq!(nodes.len(), 3, "the shipped configs name three nodes");
         let port = free_port();
@@ -65,11 +66,18 @@ impl Balancer {
                     site.contains("\n    listen 80;\n"),
                     "chorus.conf listens on 80"
                 );
+                // Two descriptors a client (its side and the node's), and room for the
+                // connections that reconnects leave closing: a worker out of connections stops
+                // accepting, and the listen queue behind it overflows.
                 let (workers, per_worker) = match clients {
                     0..=2000 => (1, 4096),
-                    _ => (2, clients + 1024),
+                    _ => (2, clients * 3 / 2 + 1024),
                 };
-                let reuseport = if workers > 1 { " reuseport" } else { "" };
+                let reuseport = if workers > 1 {
+                    " reuseport backlog=4096"
+                } else {
+                    ""
+                };
                 let site = site.replace(
                     "\n    listen 80;\n",
                     &format!("\n    listen 127.0.0.1:{port}{reuseport};\n"),
