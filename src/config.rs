@@ -399,7 +399,12 @@ pub const ENV_PREFIX: &str = "CHORUS";
 
 /// The `REDIS_URL` schemes fred reads: one server, or a Redis Cluster named by one or more of
 /// its nodes (`redis-cluster://host:port?node=host2:port2`), each with or without TLS.
-const REDIS_SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis-cluster://", "rediss-cluster://"];
+const REDIS_SCHEMES: [&str; 4] = [
+    "redis://",
+    "rediss://",
+    "redis-cluster://",
+    "rediss-cluster://",
+];
 
 impl Settings {
     /// Loads defaults, then `file` if given, then the process environment.

@@ -8,26 +8,9 @@ use chorus_testkit::{
     Client, ClientError, Node, NodeSetup, ProcNode, REDIS, TestDb, TestSettings, free_port,
     spawn_cluster, stop_all, unique,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
-const T: Duration = Duration::from_secs(10);
-
-/// The next `joined`, `left` or `typing` event about `room` (`None`: the default room), skipping
-/// every other event; `(event, args)`.
-async fn next_about(client: &mut Client, room: Option<&str>) -> (String, Vec<Value>) {
-    let deadline = Instant::now() + T;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (event, args) = client
-            .next_event(left)
-            .await
-            .unwrap_or_else(|e| panic!("no presence event about {room:?}: {e}"));
-        let about = args.first().cloned().unwrap_or(Value::Null);
-        if ["joined", "left", "typing"].contains(&event.as_str()) && about == json!(room) {
-            return (event, args);
-        }
-    }
-}
+use crate::support::next_about;
 
 fn people(ack: &chorus_testkit::Ack) -> Vec<String> {
     ack.assert_ok();

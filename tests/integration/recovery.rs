@@ -387,8 +387,16 @@ async fn the_flaky_clients_run() {
         chorus_testkit::fixture::repo_root().join("bench/results/flaky-quick.csv"),
     )
     .expect("bench/results/flaky-quick.csv");
-    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
-    assert_eq!(rows.len(), 2, "a row each for chorus and the baseline:\n{csv}");
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(
+        rows.len(),
+        2,
+        "a row each for chorus and the baseline:\n{csv}"
+    );
     let chorus = rows
         .iter()
         .find(|r| r[0] == "chorus")
@@ -396,12 +404,21 @@ async fn the_flaky_clients_run() {
     // system,clients,published,delivered_share,complete,duplicated,reordered,drops,...,replays
     assert_eq!(chorus[1], "50");
     assert!(chorus[2].parse::<u64>().expect("published") >= 70, "{csv}");
-    assert_eq!(chorus[3], "1.000000", "every message reached every client:\n{csv}");
+    assert_eq!(
+        chorus[3], "1.000000",
+        "every message reached every client:\n{csv}"
+    );
     assert_eq!((chorus[4], chorus[5], chorus[6]), ("50", "0", "0"), "{csv}");
     // A first connection lives up to 3 s in the smoke run: each client drops while the
     // publisher publishes, and misses messages it must replay.
-    assert!(chorus[7].parse::<u64>().expect("drops") >= 50, "clients dropped:\n{csv}");
-    assert!(chorus[9].parse::<u64>().expect("replays") >= 50, "reconnects replayed:\n{csv}");
+    assert!(
+        chorus[7].parse::<u64>().expect("drops") >= 50,
+        "clients dropped:\n{csv}"
+    );
+    assert!(
+        chorus[9].parse::<u64>().expect("replays") >= 50,
+        "reconnects replayed:\n{csv}"
+    );
 }
 
 /// Two nodes' logs append overlapping batches to one stream, each in offset order as a feed

@@ -1,9 +1,12 @@
 //! Assertions several test modules share; the harness itself is `chorus-testkit`.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use chorus_testkit::Client;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Reconnects to `url` having seen `after`, and requires `after+1..=head` in order, each message
 /// once; the rest of the recovery, if any, is left unread.
@@ -21,4 +24,21 @@ pub async fn recover(url: &str, after: i64, head: i64) {
         assert!(seen.insert(content.clone()), "{content} twice");
     }
     client.close().await;
+}
+
+/// The next `joined`, `left` or `typing` event about `room` (`None`: the default room), skipping
+/// every other event; `(event, args)`. Fails the test when none comes within 10 s.
+pub async fn next_about(client: &mut Client, room: Option<&str>) -> (String, Vec<Value>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (event, args) = client
+            .next_event(left)
+            .await
+            .unwrap_or_else(|e| panic!("no presence event about {room:?}: {e}"));
+        let about = args.first().cloned().unwrap_or(Value::Null);
+        if ["joined", "left", "typing"].contains(&event.as_str()) && about == json!(room) {
+            return (event, args);
+        }
+    }
 }

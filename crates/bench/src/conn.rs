@@ -32,9 +32,8 @@ impl Conn {
         })
     }
 
-    /// Like [`Conn::connect`], also returning the `chat message`s that arrived before the
-    /// namespace's answer as `(content, offset)`, in order.
-    /// The connection comes from the local address `local`.
+    /// Like [`Conn::connect_from`] with `auth`, also returning the `chat message`s that arrived
+    /// before the namespace's answer, as `(content, offset)` in order.
     pub async fn connect_early(
         base: &str,
         local: std::net::IpAddr,

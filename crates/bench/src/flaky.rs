@@ -179,7 +179,11 @@ async fn client(
                 }
                 Err(_) => {
                     shared.failed_connects.fetch_add(1, Relaxed);
-                    if shared.drain_until.get().is_some_and(|d| Instant::now() >= *d) {
+                    if shared
+                        .drain_until
+                        .get()
+                        .is_some_and(|d| Instant::now() >= *d)
+                    {
                         // Still away when the drain ended: what it missed stays missed.
                         seen.unconnected = true;
                         return Ok(seen);
@@ -189,7 +193,8 @@ async fn client(
             }
         };
         let answered = Instant::now();
-        seen.connects.push(answered.duration_since(began).as_micros() as u64);
+        seen.connects
+            .push(answered.duration_since(began).as_micros() as u64);
         let mut replaying = target > highest;
         let record = |offset: i64, highest: &mut i64, replaying: &mut bool, seen: &mut Seen| {
             seen.offsets.push(offset);
@@ -197,7 +202,8 @@ async fn client(
             if *replaying && *highest >= target {
                 *replaying = false;
                 seen.replays.push(began.elapsed().as_micros() as u64);
-                seen.after_connect.push(answered.elapsed().as_micros() as u64);
+                seen.after_connect
+                    .push(answered.elapsed().as_micros() as u64);
             }
         };
         for (content, offset) in early {
@@ -250,7 +256,11 @@ async fn client(
                 },
             }
         }
-        if shared.drain_until.get().is_some_and(|d| Instant::now() >= *d) {
+        if shared
+            .drain_until
+            .get()
+            .is_some_and(|d| Instant::now() >= *d)
+        {
             return Ok(seen);
         }
         conn.abort();
@@ -320,7 +330,12 @@ pub async fn run(url: &str, params: Flaky) -> anyhow::Result<FlakyResult> {
     });
     let mut tasks = Vec::with_capacity(params.clients);
     for i in 0..params.clients {
-        tasks.push(tokio::spawn(client(url.to_owned(), i, params, shared.clone())));
+        tasks.push(tokio::spawn(client(
+            url.to_owned(),
+            i,
+            params,
+            shared.clone(),
+        )));
         if i % 100 == 99 {
             // 2 000 first connects a second: a storm of them would only measure the listen
             // queues, before the scenario starts.

@@ -516,7 +516,8 @@ async fn flaky_run(
         .iter()
         .map(|s| std::net::SocketAddr::from(([127, 0, 0, 1], s.port)))
         .collect();
-    let balancer = chorus_testkit::Balancer::start_for(chorus_testkit::Lb::Nginx, &nodes, clients + 16).await;
+    let balancer =
+        chorus_testkit::Balancer::start_for(chorus_testkit::Lb::Nginx, &nodes, clients + 16).await;
     let mut params = flaky::Flaky::standard(clients, seconds);
     if o.quick {
         // A smoke run: every client drops a few times in its seconds.
@@ -524,9 +525,8 @@ async fn flaky_run(
         params.away = (Duration::from_millis(500), Duration::from_secs(1));
     }
     let pids: Vec<u32> = cluster.servers.iter().filter_map(Server::pid).collect();
-    let servers_cpu = || -> anyhow::Result<f64> {
-        pids.iter().map(|&pid| servers::cpu_seconds(pid)).sum()
-    };
+    let servers_cpu =
+        || -> anyhow::Result<f64> { pids.iter().map(|&pid| servers::cpu_seconds(pid)).sum() };
     let (servers_before, machine_before) = (servers_cpu()?, machine_busy_seconds()?);
     let started = std::time::Instant::now();
     let result = flaky::run(&balancer.url(), params).await;
@@ -574,7 +574,11 @@ async fn flaky_run(
         println!(
             "{:<9} flaky: client {client} misses offset {gap} first, had {had} messages{}",
             system.name(),
-            if *unconnected { ", was still reconnecting" } else { "" }
+            if *unconnected {
+                ", was still reconnecting"
+            } else {
+                ""
+            }
         );
     }
     Ok(r)
@@ -1632,7 +1636,8 @@ async fn main() -> anyhow::Result<()> {
             print_flaky_table(&runs);
             write_flaky_results(&runs, o.quick)?;
             ensure!(
-                runs.iter().all(|(system, _, run)| run.is_ok() || *system != System::Chorus),
+                runs.iter()
+                    .all(|(system, _, run)| run.is_ok() || *system != System::Chorus),
                 "a chorus run failed"
             );
             Ok(())

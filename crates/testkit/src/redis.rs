@@ -197,7 +197,8 @@ impl PrivateRedisCluster {
                 replica = Some(other);
             }
         }
-        let replica = replica.unwrap_or_else(|| panic!("the master on {port} ({id}) has no replica"));
+        let replica =
+            replica.unwrap_or_else(|| panic!("the master on {port} ({id}) has no replica"));
         let answer = cli(replica, &["CLUSTER", "FAILOVER"]).await;
         assert_eq!(answer.trim(), "OK", "CLUSTER FAILOVER on {replica}");
         wait_for(
