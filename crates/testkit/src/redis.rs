@@ -97,33 +97,17 @@ impl PrivateRedisCluster {
     /// waits until every server reports the cluster whole and every replica is in sync.
     pub async fn start(masters: usize) -> PrivateRedisCluster {
         let dir = tempfile::tempdir().expect("a directory for the cluster's state files");
-        let ports: Vec<u16> = (0..masters * 2).map(|_| free_port()).collect();
-        let mut servers = Vec::new();
-        for &port in &ports {
-            let child = tokio::process::Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                // The cluster bus on a port of its own (the default, port + 10000, may be taken).
-                .args(["--cluster-port", &free_port().to_string()])
-                .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .args(["--cluster-node-timeout", "2000"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("redis-server is installed");
-            servers.push(child);
-        }
-        for &port in &ports {
-            wait_for(
-                Duration::from_secs(10),
-                "a cluster server to listen",
-                || async move { TcpStream::connect(("127.0.0.1", port)).await.is_ok() },
-            )
-            .await;
-        }
+        // A port picked free can be taken by another test before a server binds it: the
+        // servers start again on other ports, a few times.
+        let mut attempt = 0;
+        let (ports, servers) = loop {
+            attempt += 1;
+            match Self::spawn(masters * 2, dir.path()).await {
+                Ok(started) => break started,
+                Err(why) if attempt < 3 => eprintln!("cluster servers not up ({why}); again"),
+                Err(why) => panic!("the cluster's servers did not start: {why}"),
+            }
+        };
         let mut create = tokio::process::Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for port in &ports {
@@ -147,6 +131,62 @@ impl PrivateRedisCluster {
         };
         cluster.wait_whole().await;
         cluster
+    }
+
+    /// Starts `n` cluster-enabled servers on ports free at once (each a client port and a bus
+    /// port, none picked twice) and waits until each answers as itself: the server on its port
+    /// has its process id. `Err` when one exited (its port was taken) or never answered.
+    async fn spawn(
+        n: usize,
+        dir: &std::path::Path,
+    ) -> Result<(Vec<u16>, Vec<tokio::process::Child>), String> {
+        // Held together while they are picked, so no two are the same.
+        let held: Vec<std::net::TcpListener> = (0..n * 2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+            .collect();
+        let picked: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().expect("local addr").port())
+            .collect();
+        drop(held);
+        let (ports, buses) = picked.split_at(n);
+        let mut servers = Vec::with_capacity(n);
+        for (&port, &bus) in ports.iter().zip(buses) {
+            let child = tokio::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                // The cluster bus on a port of its own (the default, port + 10000, may be taken).
+                .args(["--cluster-port", &bus.to_string()])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--cluster-node-timeout", "2000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server is installed");
+            servers.push(child);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for (server, &port) in servers.iter_mut().zip(ports) {
+            let pid = server.id().unwrap_or_default();
+            loop {
+                if let Ok(Some(status)) = server.try_wait() {
+                    return Err(format!("the server for port {port} exited ({status})"));
+                }
+                let info = cli(port, &["INFO", "server"]).await;
+                let ours = format!("process_id:{pid}");
+                if info.lines().any(|line| line.trim() == ours) {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("no answer from the server on port {port}"));
+                }
+                tokio::time::sleep(crate::fixture::POLL).await;
+            }
+        }
+        Ok((ports.to_vec(), servers))
     }
 
     /// `redis-cluster://` naming every server, as a user lists a cluster's nodes.
