@@ -32,6 +32,41 @@ fn small_ring(settings: TestSettings) -> TestSettings {
     settings.set("CHORUS__FEED__RING_CAPACITY", "16")
 }
 
+/// Runs the workspace's `chorus-bench` (built beside chorus by `cargo nextest run --workspace`,
+/// as scripts/test does; it runs the chorus next to it) with `args`, prints its output and
+/// requires success; its standard output.
+async fn run_bench(args: &[&str]) -> String {
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_chorus")).with_file_name("chorus-bench");
+    assert!(
+        bench.exists(),
+        "{} is missing: run the tests with --workspace",
+        bench.display()
+    );
+    let out = tokio::process::Command::new(&bench)
+        .args(args)
+        .output()
+        .await
+        .expect("run chorus-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "chorus-bench {args:?} failed");
+    stdout
+}
+
+/// `bench/results/{stem}-quick.csv`, written by a smoke run.
+fn quick_results(stem: &str) -> String {
+    let path = chorus_testkit::fixture::repo_root().join(format!("bench/results/{stem}-quick.csv"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A results file's rows after its header, split at commas.
+fn rows_of(csv: &str) -> Vec<Vec<&str>> {
+    csv.lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect()
+}
+
 /// Sends `n` messages `m1..=mn` through `url`, 100 in flight at a time, and waits for the acks.
 async fn send(url: &str, n: i64) {
     let sender = Client::connect(url, None).await.expect("connect");
@@ -285,22 +320,7 @@ async fn live_messages_during_a_stream_recovery_are_merged_by_offset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_benchmark_runs() {
     require_redis(REDIS).await;
-    // The bench is another package of the workspace, built beside chorus by
-    // `cargo nextest run --workspace` (scripts/test); it runs the chorus next to it.
-    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_chorus")).with_file_name("chorus-bench");
-    assert!(
-        bench.exists(),
-        "{} is missing: run the tests with --workspace",
-        bench.display()
-    );
-    let out = tokio::process::Command::new(&bench)
-        .args(["all", "--quick"])
-        .output()
-        .await
-        .expect("run chorus-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "chorus-bench all --quick failed");
+    let stdout = run_bench(&["all", "--quick"]).await;
     let line = stdout
         .lines()
         .find(|l| l.starts_with('{'))
@@ -330,15 +350,7 @@ async fn the_benchmark_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_ramp_runs() {
     require_redis(REDIS).await;
-    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_chorus")).with_file_name("chorus-bench");
-    let out = tokio::process::Command::new(&bench)
-        .args(["connect", "--quick", "--baseline", "--steps", "100,200"])
-        .output()
-        .await
-        .expect("run chorus-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "chorus-bench connect --quick failed");
+    let stdout = run_bench(&["connect", "--quick", "--baseline", "--steps", "100,200"]).await;
     for system in ["chorus", "baseline"] {
         for n in [100, 200] {
             let line = format!("connect: {n:>6} idle websockets");
@@ -357,10 +369,7 @@ async fn the_connection_ramp_runs() {
         );
     }
     assert!(!stdout.contains("stopped:"), "a ramp stopped:\n{stdout}");
-    let csv = std::fs::read_to_string(
-        chorus_testkit::fixture::repo_root().join("bench/results/connect-quick.csv"),
-    )
-    .expect("bench/results/connect-quick.csv");
+    let csv = quick_results("connect");
     assert_eq!(
         csv.lines().count(),
         1 + 4,
@@ -374,24 +383,9 @@ async fn the_connection_ramp_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_flaky_clients_run() {
     require_redis(REDIS).await;
-    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_chorus")).with_file_name("chorus-bench");
-    let out = tokio::process::Command::new(&bench)
-        .args(["flaky", "--quick", "--baseline"])
-        .output()
-        .await
-        .expect("run chorus-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "chorus-bench flaky --quick failed");
-    let csv = std::fs::read_to_string(
-        chorus_testkit::fixture::repo_root().join("bench/results/flaky-quick.csv"),
-    )
-    .expect("bench/results/flaky-quick.csv");
-    let rows: Vec<Vec<&str>> = csv
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').collect())
-        .collect();
+    run_bench(&["flaky", "--quick", "--baseline"]).await;
+    let csv = quick_results("flaky");
+    let rows = rows_of(&csv);
     assert_eq!(
         rows.len(),
         2,
@@ -574,24 +568,9 @@ async fn the_stream_is_trimmed_by_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cpu_figures_run() {
     require_redis(REDIS).await;
-    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_chorus")).with_file_name("chorus-bench");
-    let out = tokio::process::Command::new(&bench)
-        .args(["cpu", "--quick"])
-        .output()
-        .await
-        .expect("run chorus-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "chorus-bench cpu --quick failed");
-    let csv = std::fs::read_to_string(
-        chorus_testkit::fixture::repo_root().join("bench/results/cpu-quick.csv"),
-    )
-    .expect("bench/results/cpu-quick.csv");
-    let rows: Vec<Vec<&str>> = csv
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').collect())
-        .collect();
+    run_bench(&["cpu", "--quick"]).await;
+    let csv = quick_results("cpu");
+    let rows = rows_of(&csv);
     let systems: Vec<&str> = rows.iter().map(|r| r[0]).collect();
     assert_eq!(systems, ["floor", "trivial", "chorus", "baseline"], "{csv}");
     for row in &rows {
