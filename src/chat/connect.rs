@@ -325,14 +325,15 @@ pub(super) fn on_connect<A: Adapter>(socket: SocketRef<A>, auth: Option<Value>, 
 
     let on_disconnect = chat.clone();
     let disconnect_id = id.clone();
+    // The work is done when socketioxide calls the handler, not in the future it returns:
+    // socketioxide spawns that future, and when the engine.io session closes too (a client's
+    // disconnect packet followed by its websocket close) the socket may leave its rooms in the
+    // adapter before the future runs, which would find no room to announce a `left` in.
     socket.on_disconnect(move |socket: SocketRef<A>, _reason: DisconnectReason| {
-        let chat = on_disconnect.clone();
-        let id = disconnect_id.clone();
-        async move {
-            chat.feed.disconnect(&id);
-            chat.presence.disconnect(&socket);
-            chat.metrics.connections.dec();
-        }
+        on_disconnect.feed.disconnect(&disconnect_id);
+        on_disconnect.presence.disconnect(&socket);
+        on_disconnect.metrics.connections.dec();
+        std::future::ready(())
     });
 
     let recovering = socket
