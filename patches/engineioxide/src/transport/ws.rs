@@ -214,7 +214,7 @@ where
     ///
     /// (chorus patch) Published, the reader, the writer and the heartbeat are three tasks per
     /// session. Joined in one they keep their behaviour (the writer still drains what was queued
-    /// before the session closed, then closes the websocket) for about a third of the memory.
+    /// before the session closed, then closes the websocket) for about a quarter of the memory.
     async fn run(self) {
         let Session {
             engine,
