@@ -37,14 +37,6 @@ struct State {
     reader: Option<Waker>,
 }
 
-impl State {
-    /// Queues the packets and returns the reader to wake.
-    fn push(&mut self, packets: PacketBuf) -> Option<Waker> {
-        self.queue.push_back(packets);
-        self.reader.take()
-    }
-}
-
 impl Outbox {
     /// An outbox holding at most `capacity` packet buffers (reserved ones included).
     pub(crate) fn new(capacity: usize) -> Self {
@@ -176,6 +168,12 @@ impl Outbox {
 }
 
 impl State {
+    /// Queues the packets and returns the reader to wake.
+    fn push(&mut self, packets: PacketBuf) -> Option<Waker> {
+        self.queue.push_back(packets);
+        self.reader.take()
+    }
+
     fn take_next(&mut self) -> Option<PacketBuf> {
         let packets = self.queue.pop_front()?;
         if self.queue.is_empty() {
@@ -240,7 +238,14 @@ impl std::fmt::Debug for Outbox {
 
 #[cfg(test)]
 mod tests {
-    use std::{future::poll_fn, sync::Arc, time::Duration};
+    use std::{
+        future::Future,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        task::Wake,
+    };
 
     use engineioxide_core::{Packet, Str};
     use smallvec::smallvec;
@@ -336,35 +341,49 @@ mod tests {
         assert!(outbox.poll_volatile(&mut cx).is_pending());
     }
 
-    #[tokio::test]
-    async fn a_waiting_reader_is_woken_by_a_sender() {
-        let outbox = Arc::new(Outbox::new(4));
-        let reader = tokio::spawn({
-            let outbox = outbox.clone();
-            async move { poll_fn(|cx| outbox.poll_recv(cx)).await }
-        });
-        tokio::task::yield_now().await;
-        outbox.try_send(message("hello")).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), reader)
-            .await
-            .expect("the reader should be woken")
-            .unwrap();
-        assert_eq!(text(got.unwrap()), "hello");
+    /// A waker that records whether it was woken.
+    struct Flag(AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    fn flag() -> (Arc<Flag>, Waker) {
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        (flag.clone(), Waker::from(flag))
     }
 
-    #[tokio::test]
-    async fn closed_resolves_when_the_outbox_closes() {
-        let outbox = Arc::new(Outbox::new(4));
-        let waiter = tokio::spawn({
-            let outbox = outbox.clone();
-            async move { outbox.closed().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
+    #[test]
+    fn a_waiting_reader_is_woken_by_a_sender_a_permit_a_volatile_send_and_the_close() {
+        let outbox = Outbox::new(4);
+        let wakes: [&dyn Fn(&Outbox); 4] = [
+            &|o| o.try_send(message("sent")).unwrap(),
+            &|o| o.try_reserve().unwrap().send(message("reserved")),
+            &|o| assert!(o.send_volatile(message("volatile"))),
+            &|o| o.close(),
+        ];
+        for wake in wakes {
+            let (woken, waker) = flag();
+            let mut cx = Context::from_waker(&waker);
+            while outbox.try_recv().is_some() {}
+            let _ = outbox.poll_volatile(&mut Context::from_waker(Waker::noop()));
+            assert!(outbox.poll_recv(&mut cx).is_pending());
+            assert!(outbox.poll_volatile(&mut cx).is_pending());
+            wake(&outbox);
+            assert!(woken.0.load(Ordering::SeqCst), "the reader was not woken");
+        }
+    }
+
+    #[test]
+    fn closed_resolves_when_the_outbox_closes() {
+        let outbox = Outbox::new(4);
+        let (woken, waker) = flag();
+        let mut cx = Context::from_waker(&waker);
+        let closed = outbox.closed();
+        let mut closed = std::pin::pin!(closed);
+        assert!(closed.as_mut().poll(&mut cx).is_pending());
         outbox.close();
-        tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("closed() should resolve")
-            .unwrap();
+        assert!(woken.0.load(Ordering::SeqCst), "the waiter was not woken");
+        assert!(closed.as_mut().poll(&mut cx).is_ready());
     }
 }
